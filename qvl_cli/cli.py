@@ -1,0 +1,118 @@
+"""The `qvl` command line: parse flags, call one function, render the result.
+
+Commands stay thin; the work lives in the modules they call. Heavy modules (torch,
+transformers, the hub SDKs, the HTTP server) are imported inside the commands that need
+them, never at the top of this file.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__, render, settings
+from .errors import EXIT_FAILURE, QvlError, translate
+from .options import (DownloadHub, JsonOutput, ModelEngine, ModelFormat, ModelName,
+                      Quantization, SizeInBillions)
+
+APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language models.
+
+[bold]Examples[/bold]
+
+  qvl list-specs                         every model spec in the catalogue
+  qvl resolve -s 7 -f awq                which checkpoint `launch -s 7 -f awq` would use
+"""
+
+app = typer.Typer(
+    name="qvl", help=APP_HELP, rich_markup_mode="rich", no_args_is_help=True,
+    add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qvl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """qvl: launch, chat with and serve the Qwen2-VL vision-language models."""
+
+
+@app.command("list-specs", epilog="Examples: qvl list-specs -s 7 | qvl list-specs -f gptq --json")
+def list_specs(
+    model_name: ModelName = None,
+    model_format: ModelFormat = None,
+    size_in_billions: SizeInBillions = None,
+    quantization: Quantization = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """List the model specs of the catalogue, one row per spec and quantization."""
+    from . import specs
+
+    catalogue = specs.load_catalogue()
+    rows = specs.filter_rows(catalogue, model_name, model_format, size_in_billions, quantization)
+    if json_output:
+        render.print_json(rows)
+        return
+    render.table(
+        ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope"],
+        [[r["model_name"], r["model_format"], r["size_in_billions"] + "B", r["quantization"],
+          ", ".join(r["engines"]), (r["huggingface"] or {}).get("model_id", "-"),
+          (r["modelscope"] or {}).get("model_id", "-")] for r in rows],
+    )
+
+
+@app.command(epilog="Examples: qvl resolve -s 7 -f awq | qvl resolve -s 72 -f gptq -q Int8 --json")
+def resolve(
+    model_name: ModelName = None,
+    model_engine: ModelEngine = None,
+    size_in_billions: SizeInBillions = None,
+    model_format: ModelFormat = None,
+    quantization: Quantization = None,
+    download_hub: DownloadHub = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Show the concrete spec that `launch` would use, and which values were defaulted."""
+    from . import specs
+
+    spec = specs.resolve(model_name, model_engine, size_in_billions, model_format,
+                         quantization, download_hub)
+    if json_output:
+        render.print_json(spec.to_dict())
+        return
+    data = spec.to_dict()
+    fields = ["model_name", "model_engine", "model_format", "size_in_billions",
+              "quantization", "hub", "model_id", "revision", "context_length"]
+    render.key_values(
+        [(f, f"{data[f]}" + (" (default)" if f in spec.defaulted else "")) for f in fields]
+        + [(f"{s.hub} id", f"{s.model_id} @ {s.revision}") for s in spec.sources[1:]],
+        title=spec.label(),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn every expected failure into one line + a hint."""
+    try:
+        app(args=argv, prog_name="qvl")
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the one place errors are rendered
+        if isinstance(exc, KeyboardInterrupt):
+            render.stderr_console().print("[dim]interrupted[/dim]")
+            sys.exit(130)
+        error = translate(exc)
+        if settings.debug():
+            raise
+        if error is None:
+            error = QvlError(f"unexpected error: {type(exc).__name__}: {exc}",
+                             "rerun with QVL_DEBUG=1 to see the traceback, and report it")
+        render.error(error.message, error.hint)
+        sys.exit(getattr(error, "exit_code", EXIT_FAILURE))

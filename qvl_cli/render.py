@@ -1,0 +1,71 @@
+"""Rendering of results for the terminal: tables on stdout, status and errors on stderr.
+
+Commands compute plain data and hand it here; nothing in this module decides anything.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def stdout_console():
+    from rich.console import Console
+
+    # Piped output is not wrapped at 80 columns: `qvl list-specs | less -S` stays readable.
+    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 240)
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def status(message: str) -> None:
+    """One status line on stderr (dim), never on stdout."""
+    stderr_console().print(f"[dim]{message}[/dim]", markup=True)
+
+
+def warn(message: str) -> None:
+    stderr_console().print(f"[yellow]warning:[/yellow] {escape(message)}")
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as _escape
+
+    return _escape(text)
+
+
+def error(message: str, hint: str | None) -> None:
+    console = stderr_console()
+    console.print(f"[bold red]error:[/bold red] {escape(message)}")
+    if hint:
+        console.print(f"[dim]hint: {escape(hint)}[/dim]")
+
+
+def table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    from rich.table import Table
+
+    tbl = Table(title=title, show_lines=False, header_style="bold")
+    for col in columns:
+        tbl.add_column(col, overflow="fold")
+    for row in rows:
+        tbl.add_row(*[escape(str(c)) for c in row])
+    stdout_console().print(tbl)
+
+
+def key_values(pairs: list[tuple[str, str]], title: str | None = None) -> None:
+    from rich.table import Table
+
+    tbl = Table(title=title, show_header=False, box=None, pad_edge=False)
+    tbl.add_column(style="bold")
+    tbl.add_column(overflow="fold")
+    for key, value in pairs:
+        tbl.add_row(escape(key), escape(str(value)))
+    stdout_console().print(tbl)

@@ -1,0 +1,58 @@
+"""Shared fixtures: every test runs with QVL_HOME and the hub caches in a temporary folder,
+no hub endpoint, no token and no GPU assumptions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+_CLEARED = ("HF_ENDPOINT", "MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN", "HF_TOKEN",
+            "HUGGING_FACE_HUB_TOKEN", "QVL_DOWNLOAD_HUB", "QVL_API_KEY", "HF_HUB_OFFLINE",
+            "QVL_DEBUG", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory, monkeypatch):
+    """Point every directory qvl and the hub clients use into a fresh temporary folder."""
+    root = tmp_path_factory.mktemp("home")
+    for name in _CLEARED:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(root))
+    monkeypatch.setenv("QVL_HOME", str(root / "qvl"))
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(root / "modelscope"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return root
+
+
+def qvl_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a qvl subprocess: the current one, with qvl importable."""
+    import qvl_cli
+
+    env = dict(os.environ)
+    pkg_parent = str(Path(qvl_cli.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def run_qvl(*args: str, env: dict[str, str] | None = None, input: str | None = None,
+            timeout: float = 120, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m qvl_cli ARGS` as a real process; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "qvl_cli", *args], env=qvl_env(env),
+                          input=input, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture
+def qvl():
+    """`qvl("resolve", "-s", "7")` runs qvl in a subprocess."""
+    return run_qvl
