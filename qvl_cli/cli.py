@@ -25,6 +25,13 @@ APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language mode
   qvl resolve -s 7 -f awq                which checkpoint `launch -s 7 -f awq` would use
 """
 
+
+
+def examples(*lines: str) -> str:
+    """The epilog of a command's --help: one example per line."""
+    return "[bold]Examples[/bold]\n\n" + "\n".join(f"  {line}" for line in lines)
+
+
 app = typer.Typer(
     name="qvl", help=APP_HELP, rich_markup_mode="rich", no_args_is_help=True,
     add_completion=False, pretty_exceptions_enable=False,
@@ -46,7 +53,7 @@ def _root(
     """qvl: launch, chat with and serve the Qwen2-VL vision-language models."""
 
 
-@app.command("list-specs", epilog="Examples: qvl list-specs -s 7 | qvl list-specs -f gptq --json")
+@app.command("list-specs", epilog=examples("qvl list-specs -s 7", "qvl list-specs -f gptq --json"))
 def list_specs(
     model_name: ModelName = None,
     model_format: ModelFormat = None,
@@ -70,7 +77,7 @@ def list_specs(
     )
 
 
-@app.command(epilog="Examples: qvl resolve -s 7 -f awq | qvl resolve -s 72 -f gptq -q Int8 --json")
+@app.command(epilog=examples("qvl resolve -s 7 -f awq", "qvl resolve -s 72 -f gptq -q Int8 --json"))
 def resolve(
     model_name: ModelName = None,
     model_engine: ModelEngine = None,

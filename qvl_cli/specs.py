@@ -192,7 +192,9 @@ def _yaml_loader() -> type:
     """A SafeLoader whose integers have no underscores, so ``1_5`` stays the string '1_5'."""
     import yaml
 
-    class Loader(yaml.SafeLoader):
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present
+
+    class Loader(base):  # type: ignore[misc,valid-type]
         pass
 
     Loader.yaml_implicit_resolvers = {
@@ -241,10 +243,18 @@ def _str_list(value: list, where: str, w: _Where, kind: type = str) -> tuple:
     return tuple(value)
 
 
+def _spec_label(raw: dict, index: int) -> str:
+    """'spec 3 (awq 7B)' when format and size are readable, else 'spec 3'."""
+    try:
+        return f"spec {index} ({raw['model_format'].strip()} {size_display(parse_size(raw['size_in_billions']))}B)"
+    except (KeyError, ValueError, AttributeError):
+        return f"spec {index}"
+
+
 def _parse_spec(raw: object, index: int, w: _Where) -> SpecEntry:
-    where = f"spec {index}"
     if not isinstance(raw, dict):
-        raise w.fail(where, "must be a mapping")
+        raise w.fail(f"spec {index}", "must be a mapping")
+    where = _spec_label(raw, index)
     _check_keys(raw, _SPEC_KEYS, _SPEC_REQUIRED, where, w)
     try:
         size = parse_size(raw["size_in_billions"])
@@ -252,7 +262,6 @@ def _parse_spec(raw: object, index: int, w: _Where) -> SpecEntry:
         raise w.fail(f"{where}: size_in_billions",
                      f"must be a positive number, not {raw['size_in_billions']!r}") from None
     fmt = raw["model_format"].strip()
-    where = f"spec {index} ({fmt} {size_display(size)}B)"
     quants = _str_list(raw["quantizations"], f"{where}: quantizations", w)
     if not quants:
         raise w.fail(f"{where}: quantizations", "must list at least one quantization")
