@@ -69,3 +69,12 @@ def key_values(pairs: list[tuple[str, str]], title: str | None = None) -> None:
     for key, value in pairs:
         tbl.add_row(escape(key), escape(str(value)))
     stdout_console().print(tbl)
+
+
+def fit_cells(row: dict[str, Any], shown: bool) -> list[str]:
+    """The `list-specs --fit` cells: '~18.6 GiB' and 'yes' / 'no' / '?'."""
+    if not shown:
+        return []
+    size = row.get("memory_bytes")
+    fits = {True: "yes", False: "no"}.get(row.get("fits"), "?")
+    return ["?" if size is None else f"~{size / (1 << 30):.1f} GiB", fits]
