@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import gpus as gpus_mod
-from . import memory, specs
+from . import memory, settings, specs
 from .errors import DoesNotFit, NoEstimate, UsageError
 from .gpus import Gpu, GpuReport, gib
 from .memory import Estimate, Workload
@@ -52,8 +52,8 @@ class FitResult:
     def require(self, force: bool = False) -> None:
         """Raise DoesNotFit when the estimate says no, unless ``force``."""
         if self.fits is False and not force:
-            hint = f"try {self.suggestion}, or pass --force" if self.suggestion else "pass --force to try anyway"
-            raise DoesNotFit(self.reason, hint)
+            hint = f"try {self.suggestion}, or pass --force" if self.suggestion else None
+            raise DoesNotFit(self.reason, hint or "pass --force to try anyway")
 
     @property
     def verdict(self) -> str:
@@ -112,7 +112,8 @@ def _where(gpus: tuple[Gpu, ...]) -> str:
 def _free(gpus: tuple[Gpu, ...]) -> str:
     if len(gpus) == 1:
         return f"{gpus[0].label()} has {gib(gpus[0].free)} GiB free"
-    return f"GPUs {','.join(str(g.index) for g in gpus)} have " + " + ".join(gib(g.free) for g in gpus) + " GiB free"
+    frees = " + ".join(gib(g.free) for g in gpus)
+    return f"GPUs {','.join(str(g.index) for g in gpus)} have {frees} GiB free"
 
 
 def _short(spec: ResolvedSpec | tuple[str, str, str]) -> str:
@@ -189,10 +190,17 @@ def _estimate(family: Family, key: tuple[str, str, str], workload: Workload) -> 
     return memory.compute(dims, f"{family.name} {_short(key)}", fmt, bits, context, workload)
 
 
+def _bits(quantization: str) -> int:
+    """Bits per decoder weight: 16 unquantized, 0 when the name says nothing."""
+    try:
+        return memory.quant_bits(quantization) or 16
+    except ValueError:
+        return 0
+
+
 def _rank(key: tuple[str, str, str], est: Estimate) -> tuple:
     """Largest size first, then the least quantized, then the smallest estimate."""
-    bits = memory.quant_bits(key[2]) or 16
-    return (-size_number(key[0]), -bits, est.total)
+    return (-size_number(key[0]), -_bits(key[2]), est.total)
 
 
 def _best_fitting(family: Family, gpus: tuple[Gpu, ...], workload: Workload,
@@ -260,7 +268,9 @@ def _more_gpus(spec: ResolvedSpec, report: GpuReport, workload: Workload) -> str
         placement = place(memory.estimate(spec, workload), report.visible)
     except (ValueError, NoEstimate):
         return None
-    return None if placement is None else ",".join(str(i) for i in sorted(g.index for g in placement.gpus))
+    if placement is None:
+        return None
+    return ",".join(str(i) for i in sorted(g.index for g in placement.gpus))
 
 
 # --- auto -----------------------------------------------------------------------------
@@ -279,12 +289,15 @@ def choose(family: Family, report: GpuReport, workload: Workload = Workload(),
     if any(g.free is None for g in gpus):
         raise UsageError("cannot choose a size automatically: the GPUs' memory is unknown",
                          "pick one with --size-in-billions (-s)")
-    best = _best_fitting(family, gpus, workload, model_format=model_format, quantization=quantization)
     estimates = {k: e for k in candidates if (e := _estimate(family, k, workload)) is not None}
+    if not estimates:
+        raise UsageError(f"cannot choose a size automatically: {family.source_file} gives no "
+                         "architecture figures (`sizes:`)", "pick one with --size-in-billions (-s)")
+    best = _best_fitting(family, gpus, workload, model_format=model_format, quantization=quantization)
     if best is None:
         key, est = min(estimates.items(), key=lambda kv: kv[1].total)
-        raise DoesNotFit(f"no {family.name} spec fits: the smallest, {_short(key)}, needs ~{gib(est.total)} "
-                         f"GiB at {est.context_length:,} tokens of context, {_free(gpus)}",
+        raise DoesNotFit(f"no {family.name} spec fits: the smallest, {_short(key)}, needs "
+                         f"~{gib(est.total)} GiB at {est.context_length:,} tokens of context, {_free(gpus)}",
                          "free GPU memory, lower --context-length or --max-pixels, or pick a spec "
                          "with -s and pass --force")
     key, est = best
@@ -293,8 +306,9 @@ def choose(family: Family, report: GpuReport, workload: Workload = Workload(),
 
 def _choose_cpu(family: Family, report: GpuReport, candidates: list[tuple[str, str, str]]) -> Choice:
     """No GPU to measure: the smallest size, unquantized (AWQ/GPTQ kernels need CUDA)."""
-    key = min(candidates, key=lambda k: (size_number(k[0]), -(memory.quant_bits(k[2]) or 16)))
-    why = "no GPU is visible" if report.known else "no GPU could be probed (" + "; ".join(report.notes) + ")"
+    key = min(candidates, key=lambda k: (size_number(k[0]), -_bits(k[2])))
+    why = ("no GPU is visible" if report.known
+           else "no GPU could be probed (" + "; ".join(report.notes) + ")")
     return Choice(*key, None, f"auto: {why}, so picked {_short(key)}, the smallest spec, to run on "
                               "the CPU; choose another with --size-in-billions")
 
@@ -331,7 +345,7 @@ def resolve_and_check(model_name: str | None = None, model_engine: str | None = 
     report = report if report is not None else gpus_mod.query(gpu_idx)
     choice = None
     if size_in_billions is not None and str(size_in_billions).strip().lower() == AUTO:
-        family = catalogue.family(model_name or specs.settings.DEFAULT_MODEL_NAME)
+        family = catalogue.family(model_name or settings.DEFAULT_MODEL_NAME)
         choice = choose(family, report, workload, model_format, quantization)
         size_in_billions, model_format, quantization = (
             choice.size_in_billions, choice.model_format, choice.quantization)

@@ -27,10 +27,12 @@ DTYPE_BYTES = 2  # bf16 (pytorch) or fp16 (AWQ, GPTQ): weights kept 16-bit, KV, 
 CUDA_CONTEXT_BYTES = 512 * MiB
 ALLOCATOR_SLACK = 0.02
 
-# Activations. One prompt is prefilled at once; these are the live bytes at the peak.
+# Activations. One prompt is prefilled at once. The vision tower runs first and its
+# working set is freed before the decoder prefills, so the peak is the larger of the two,
+# plus the float32 pixel tensor that stays alive through generation.
 TEXT_TOKENS = 512  # text besides the visual tokens, when the prompt length is not given
 VISION_BYTES_PER_DIM = 28  # per patch, x embed_dim: a vision block's peak (rotary in fp32)
-PIXEL_BYTES = 4 + DTYPE_BYTES  # the float32 pixel tensor and its 16-bit copy, per value
+PIXEL_BYTES = 4  # the float32 pixel tensor, per value (its 16-bit copy is in the tower's peak)
 # Video (qwen-vl-utils): at most 768 tokens per frame pair, ~24.5k visual tokens a video.
 VIDEO_MAX_TOKENS_PER_FRAME = 768
 VIDEO_MAX_TOKENS = 24576
@@ -67,8 +69,9 @@ class Estimate:
     prompt_tokens: int
     visual_tokens: int
     # how it splits: every GPU holds some decoder layers (weights + their KV cache), its
-    # CUDA context and the prefill activations; the first also the vision tower and the
-    # embeddings, the last the lm_head.
+    # CUDA context and the prefill activations; the first also the vision tower (weights,
+    # pixels, the part of its peak above the prefill's) and the embeddings, the last the
+    # lm_head.
     layers: int
     layer_bytes: int
     first_bytes: int
@@ -152,22 +155,23 @@ def compute(dims: ModelDims, label: str, model_format: str, bits: int | None,
     vision_weights = dims.vision_parameters * DTYPE_BYTES
     head = (dims.lm_head_parameters + dims.hidden_size) * DTYPE_BYTES  # lm_head + final norm
     patches = visual * vis.spatial_merge_size ** 2
-    vision_act = patches * (VISION_BYTES_PER_DIM * vis.embed_dim + vis.patch_values * PIXEL_BYTES)
+    pixels = patches * vis.patch_values * PIXEL_BYTES
+    vision_peak = patches * (VISION_BYTES_PER_DIM * vis.embed_dim + vis.patch_values * DTYPE_BYTES)
     logits = dims.vocab_size * (DTYPE_BYTES + 4 + 4)  # last position only: 16-bit, fp32, probs
     per_token = 8 * dims.intermediate_size + 8 * dims.hidden_size + 4 * dims.head_dim * 2
     prefill = prompt * per_token  # gate, up, act, product of the MLP; residual, norm, rotary
 
     weights = dims.num_hidden_layers * layer_weights + embed + vision_weights + head
     kv = dims.num_hidden_layers * kv_layer
-    activations = vision_act + logits + prefill
+    activations = pixels + max(vision_peak, prefill) + logits
     live = weights + kv + activations
     return Estimate(
         label=label, dtype="bfloat16" if bits is None and model_format == "pytorch" else "float16",
         weights=weights, kv_cache=kv, activations=activations,
         overhead=_with_overhead(live) - live, context_length=context_length,
         prompt_tokens=prompt, visual_tokens=visual, layers=dims.num_hidden_layers,
-        layer_bytes=layer_weights + kv_layer, first_bytes=embed + vision_weights + vision_act,
-        last_bytes=head + logits, transient_bytes=prefill)
+        layer_bytes=layer_weights + kv_layer, last_bytes=head + logits, transient_bytes=prefill,
+        first_bytes=embed + vision_weights + pixels + max(vision_peak - prefill, 0))
 
 
 def _layer_weight_bytes(dims: ModelDims, bits: int | None, model_format: str) -> int:
