@@ -53,7 +53,7 @@ def list_specs(
     model_format: ModelFormat = None,
     size_in_billions: SizeInBillions = None,
     quantization: Quantization = None,
-    fit: Fit = False,
+    show_fit: Fit = False,
     gpu_idx: GpuIdx = None,
     context_length: ContextLength = None,
     json_output: JsonOutput = False,
@@ -63,21 +63,21 @@ def list_specs(
 
     catalogue = specs.load_catalogue()
     rows = specs.filter_rows(catalogue, model_name, model_format, size_in_billions, quantization)
-    if fit:
-        from . import fit as fit_mod, gpus, memory
+    if show_fit:
+        from . import fit, gpus, memory
 
         report = gpus.query(gpu_idx)
-        rows = fit_mod.annotate_rows(catalogue, rows, report, memory.workload(context_length))
+        rows = fit.annotate_rows(catalogue, rows, report, memory.workload(context_length))
         render.status("GPUs: " + report.describe())
     if json_output:
         render.print_json(rows)
         return
-    extra = ["memory", "fits"] if fit else []
+    extra = ["memory", "fits"] if show_fit else []
     render.table(
         ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope", *extra],
         [[r["model_name"], r["model_format"], r["size_in_billions"] + "B", r["quantization"],
           ", ".join(r["engines"]), (r["huggingface"] or {}).get("model_id", "-"),
-          (r["modelscope"] or {}).get("model_id", "-"), *render.fit_cells(r, fit)] for r in rows],
+          (r["modelscope"] or {}).get("model_id", "-"), *render.fit_cells(r, show_fit)] for r in rows],
     )
 
 
