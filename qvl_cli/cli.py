@@ -14,8 +14,8 @@ import typer
 
 from . import __version__, render, settings
 from .errors import EXIT_FAILURE, QvlError, translate
-from .options import (DownloadHub, JsonOutput, ModelEngine, ModelFormat, ModelName,
-                      Quantization, SizeInBillions)
+from .options import (ContextLength, DownloadHub, Fit, GpuIdx, JsonOutput, MaxPixels, ModelEngine,
+                      ModelFormat, ModelName, Quantization, SizeInBillions)
 
 APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language models.
 
@@ -23,6 +23,7 @@ APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language mode
 
   qvl list-specs                         every model spec in the catalogue
   qvl resolve -s 7 -f awq                which checkpoint `launch -s 7 -f awq` would use
+  qvl resolve -s auto                    the largest spec that fits the GPUs, and its memory
 """
 
 
@@ -59,6 +60,9 @@ def list_specs(
     model_format: ModelFormat = None,
     size_in_billions: SizeInBillions = None,
     quantization: Quantization = None,
+    show_fit: Fit = False,
+    gpu_idx: GpuIdx = None,
+    context_length: ContextLength = None,
     json_output: JsonOutput = False,
 ) -> None:
     """List the model specs of the catalogue, one row per spec and quantization."""
@@ -66,14 +70,21 @@ def list_specs(
 
     catalogue = specs.load_catalogue()
     rows = specs.filter_rows(catalogue, model_name, model_format, size_in_billions, quantization)
+    if show_fit:
+        from . import fit, gpus, memory
+
+        report = gpus.query(gpu_idx)
+        rows = fit.annotate_rows(catalogue, rows, report, memory.workload(context_length))
+        render.status("GPUs: " + report.describe())
     if json_output:
         render.print_json(rows)
         return
+    extra = ["memory", "fits"] if show_fit else []
     render.table(
-        ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope"],
+        ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope", *extra],
         [[r["model_name"], r["model_format"], r["size_in_billions"] + "B", r["quantization"],
           ", ".join(r["engines"]), (r["huggingface"] or {}).get("model_id", "-"),
-          (r["modelscope"] or {}).get("model_id", "-")] for r in rows],
+          (r["modelscope"] or {}).get("model_id", "-"), *render.fit_cells(r, show_fit)] for r in rows],
     )
 
 
@@ -85,22 +96,30 @@ def resolve(
     model_format: ModelFormat = None,
     quantization: Quantization = None,
     download_hub: DownloadHub = None,
+    gpu_idx: GpuIdx = None,
+    context_length: ContextLength = None,
+    max_pixels: MaxPixels = None,
     json_output: JsonOutput = False,
 ) -> None:
-    """Show the concrete spec that `launch` would use, and which values were defaulted."""
-    from . import specs
+    """Show the concrete spec that `launch` would use, its memory estimate and whether it fits."""
+    from . import fit, memory
 
-    spec = specs.resolve(model_name, model_engine, size_in_billions, model_format,
-                         quantization, download_hub)
+    result = fit.resolve_and_check(model_name, model_engine, size_in_billions, model_format,
+                                   quantization, download_hub, gpu_idx,
+                                   memory.workload(context_length, max_pixels))
+    spec = result.spec
+    if result.choice is not None:
+        render.status(result.choice.reason)
     if json_output:
-        render.print_json(spec.to_dict())
+        render.print_json({**spec.to_dict(), **result.to_dict()})
         return
     data = spec.to_dict()
     fields = ["model_name", "model_engine", "model_format", "size_in_billions",
               "quantization", "hub", "model_id", "revision", "context_length"]
     render.key_values(
         [(f, f"{data[f]}" + (" (default)" if f in spec.defaulted else "")) for f in fields]
-        + [(f"{s.hub} id", f"{s.model_id} @ {s.revision}") for s in spec.sources[1:]],
+        + [(f"{s.hub} id", f"{s.model_id} @ {s.revision}") for s in spec.sources[1:]]
+        + result.rows(),
         title=spec.label(),
     )
 

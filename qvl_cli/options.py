@@ -19,7 +19,8 @@ ModelEngine = Annotated[Optional[str], typer.Option(
     "--model-engine", "-en", metavar="ENGINE", help="Inference engine (default: transformers).",
     rich_help_panel=SPEC_PANEL, show_default=False)]
 SizeInBillions = Annotated[Optional[str], typer.Option(
-    "--size-in-billions", "-s", metavar="SIZE", help="Model size in billions: 2, 7, 72 (1.5 or 1_5 for fractions). "
+    "--size-in-billions", "-s", metavar="SIZE", help="Model size in billions: 2, 7, 72 (1.5 or 1_5 for fractions), "
+    "or auto: the largest size, then the least quantized format, that fits the GPUs. "
     "Default: the smallest size of the format.", rich_help_panel=SPEC_PANEL, show_default=False)]
 ModelFormat = Annotated[Optional[str], typer.Option(
     "--model-format", "-f", metavar="FORMAT", help="pytorch, gptq or awq (default: pytorch).",
@@ -33,3 +34,21 @@ DownloadHub = Annotated[Optional[str], typer.Option(
     rich_help_panel=SPEC_PANEL, show_default=False)]
 
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]
+
+MEMORY_PANEL = "Memory"
+
+GpuIdx = Annotated[Optional[str], typer.Option(
+    "--gpu-idx", help="GPUs to use, e.g. 0 or 0,1, numbered as CUDA sees them after "
+    "CUDA_VISIBLE_DEVICES (default: all visible).", rich_help_panel=MEMORY_PANEL, show_default=False)]
+ContextLength = Annotated[Optional[int], typer.Option(
+    "--context-length", min=1, help="Tokens of KV cache to plan memory for (default: the model's "
+    "context length, 32768).", rich_help_panel=MEMORY_PANEL, show_default=False)]
+MaxPixels = Annotated[Optional[int], typer.Option(
+    "--max-pixels", min=784, help="Pixel budget of one image: larger images are scaled down to it "
+    "(default: 1280*28*28 = 1003520, i.e. 1,280 visual tokens).", rich_help_panel=MEMORY_PANEL,
+    show_default=False)]
+Force = Annotated[bool, typer.Option(
+    "--force", help="Go ahead even when the memory estimate says the model will not fit.",
+    rich_help_panel=MEMORY_PANEL)]
+Fit = Annotated[bool, typer.Option(
+    "--fit", help="Add the estimated memory of each spec and whether it fits the visible GPUs.")]
