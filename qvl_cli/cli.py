@@ -14,13 +14,18 @@ import typer
 
 from . import __version__, render, settings
 from .errors import EXIT_FAILURE, QvlError, translate
-from .options import (ContextLength, DownloadHub, Fit, GpuIdx, JsonOutput, MaxPixels, ModelEngine,
-                      ModelFormat, ModelName, Quantization, SizeInBillions)
+from .options import (Attn, ContextLength, Device, DownloadHub, Dtype, Fit, Force, Fps, GpuIdx, Images,
+                      JsonOutput, MaxFrames, MaxMemory, MaxPixels, MaxTokens, MinPixels, ModelEngine,
+                      ModelFormat, ModelName, ModelPath, NGpu, Offline, Quantization, RepetitionPenalty,
+                      Revision, Seed, SizeInBillions, Stop, Temperature, TopK, TopP, VideoEnd, Videos,
+                      VideoStart)
 
 APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language models.
 
 [bold]Examples[/bold]
 
+  qvl chat --image photo.jpg "What is in this picture?"
+  qvl chat -s 7 -f awq                   an interactive chat (/help lists its commands)
   qvl list-specs                         every model spec in the catalogue
   qvl resolve -s 7 -f awq                which checkpoint `launch -s 7 -f awq` would use
   qvl resolve -s auto                    the largest spec that fits the GPUs, and its memory
@@ -122,6 +127,51 @@ def resolve(
         + result.rows(),
         title=spec.label(),
     )
+
+
+@app.command(epilog=examples(
+    'qvl chat --image photo.jpg "What is in this picture?"',
+    'qvl chat -s 7 -f awq --video clip.mp4 --fps 1 "Summarise the clip"',
+    "qvl chat --model-path ./my-checkpoint          (interactive; /help inside)",
+    'echo "Describe it" | qvl chat --image x.png --json -'))
+def chat(
+    prompt: Annotated[Optional[str], typer.Argument(
+        metavar="PROMPT", help="The question; - reads it from stdin. Without it: an interactive chat.", show_default=False)] = None,
+    model_name: ModelName = None, model_engine: ModelEngine = None, size_in_billions: SizeInBillions = None,
+    model_format: ModelFormat = None, quantization: Quantization = None, download_hub: DownloadHub = None,
+    model_path: ModelPath = None, revision: Revision = None, offline: Offline = False,
+    image: Images = None, video: Videos = None, min_pixels: MinPixels = None, max_pixels: MaxPixels = None,
+    fps: Fps = None, max_frames: MaxFrames = None, video_start: VideoStart = None, video_end: VideoEnd = None,
+    system: Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="System prompt.",
+                                                  show_default=False)] = None,
+    max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None,
+    repetition_penalty: RepetitionPenalty = None, seed: Seed = None, stop: Stop = None,
+    device: Device = "auto", gpu_idx: GpuIdx = None, n_gpu: NGpu = None, max_memory: MaxMemory = None,
+    dtype: Dtype = "auto", attn: Attn = "auto", force: Force = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, usage, timings).")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speed on stderr.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Print each image's and video's size, frames "
+                                          "and visual tokens on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress or status on stderr.")] = False,
+) -> None:
+    """Ask about images and videos: one answer streamed to stdout, or an interactive chat."""
+    from . import chat_run, devices
+    from .engine import EngineOptions
+    from .generation import GenerationParams
+
+    request = chat_run.ChatRequest(
+        prompt=prompt, spec_flags=dict(model_name=model_name, model_engine=model_engine,
+                                       size_in_billions=size_in_billions, model_format=model_format,
+                                       quantization=quantization, hub=download_hub),
+        model_path=model_path, revision=revision, offline=offline, force=force,
+        images=tuple(image or ()), videos=tuple(video or ()),
+        media_flags=dict(min_pixels=min_pixels, max_pixels=max_pixels, fps=fps, max_frames=max_frames,
+                         video_start=video_start, video_end=video_end),
+        system=system, params=GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty,
+                                               seed, tuple(stop or ())),
+        engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn),
+        json_output=json_output, stats=stats, verbose=verbose, quiet=quiet)
+    raise typer.Exit(chat_run.run(request))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -137,7 +137,7 @@ class Engine:
         ``cancel`` stops the generation; the worker thread is always joined.
         """
         params = params.validated()
-        start = time.perf_counter()
+        start = time.perf_counter() - (prepared.seconds if prepared else 0.0)
         prepared = prepared or self.prepare(messages)
         kwargs = self.generate_kwargs(params, prepared.prompt_tokens)
         with self.lock:
@@ -189,6 +189,19 @@ class Engine:
         finally:
             cancel.set()
             worker.join()
+
+    def sampling_note(self, params: GenerationParams) -> str | None:
+        """A warning when --temperature cannot change anything: Qwen2-VL's generation_config
+        keeps top_k 1 and top_p 0.001 (near greedy) unless --top-k / --top-p override them."""
+        if not params.temperature:
+            return None
+        gen = self.model.generation_config
+        top_k = params.top_k if params.top_k is not None else (gen.top_k or 0)
+        top_p = params.top_p if params.top_p is not None else (gen.top_p or 1.0)
+        if top_k == 1 or top_p < 0.01:
+            return (f"--temperature {params.temperature} has little effect while top_k is {top_k} and top_p "
+                    f"{top_p} (the checkpoint's generation_config); add --top-k 0 --top-p 0.9 for varied answers")
+        return None
 
     def _generate_worker(self, inputs, kwargs, seed, streamer, tokens) -> None:
         import torch

@@ -79,3 +79,21 @@ def fit_cells(row: dict[str, Any], shown: bool) -> list[str]:
     size = row.get("memory_bytes")
     fits = {True: "yes", False: "no"}.get(row.get("fits"), "?")
     return ["?" if size is None else f"~{size / (1 << 30):.1f} GiB", fits]
+
+
+class _NoSpinner:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def spinner(message: str, quiet: bool = False):
+    """A spinner on stderr while something slow runs (nothing when quiet or not a terminal)."""
+    console = stderr_console()
+    if quiet or not console.is_terminal:
+        if not quiet:
+            status(message + " ...")
+        return _NoSpinner()
+    return console.status(f"[dim]{escape(message)} ...[/dim]", spinner="dots")
