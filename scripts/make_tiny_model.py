@@ -30,6 +30,9 @@ LEARNED_VOCAB = 896
 VOCAB_PAD_MULTIPLE = 64
 # Standard deviation of the random token embeddings (tied with the output head).
 EMBED_STD = 0.02
+# The <|im_end|> row is longer than the others, so that (as with a real model) some answers end
+# on their own: with seed 0, "Hello there." ends after 7 tokens, "Tell me a story." runs on.
+IM_END_SCALE = 1.5
 
 PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                      r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -247,8 +250,8 @@ def random_weights(out: Path, seed: int) -> dict:
 
     Matrices get std 1/sqrt(fan_in) and the embeddings a small std: with the usual 0.02
     everywhere the 64-wide layers barely touch the residual stream, and the tied head only
-    echoes the last input token ("\\n\\n\\n..."). This way the greedy output is varied, depends on
-    the image, and sometimes ends with <|im_end|>."""
+    echoes the last input token ("\\n\\n\\n..."). This way the greedy output is varied and
+    depends on the image; padding rows are zero (never predicted) and <|im_end|> is likelier."""
     import torch
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
@@ -267,6 +270,7 @@ def random_weights(out: Path, seed: int) -> dict:
         elif name.endswith("embed_tokens.weight"):
             value = torch.randn(shape, generator=gen) * EMBED_STD
             value[LEARNED_VOCAB + len(SPECIAL_TOKENS):] = 0  # padding rows: never predicted
+            value[_ids()["<|im_end|>"]] *= IM_END_SCALE
         elif len(shape) >= 2:  # linear and conv weights: keep the activation scale
             value = torch.randn(shape, generator=gen) * math.prod(shape[1:]) ** -0.5
         else:

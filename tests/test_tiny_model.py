@@ -264,3 +264,11 @@ def test_output_is_varied_and_depends_on_the_image(processor, model, media):
     red, blue = answer(media["red"]), answer(media["blue"])
     assert red != blue
     assert len(set(red)) > 2  # not one token echoed over and over
+
+
+def test_some_answers_end_with_im_end_and_others_run_to_the_limit(processor, model):
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    _, short, _ = _pipeline(processor, model, [{"role": "user", "content": "Hello there."}])
+    _, long, _ = _pipeline(processor, model, [{"role": "user", "content": "Tell me a story."}])
+    assert short.shape[1] < 16 and short[0, -1] == im_end
+    assert long.shape[1] == 16 and im_end not in long[0].tolist()
