@@ -37,8 +37,10 @@ class LocalRequest:
     verbose: bool = False
 
 
-def load_local(request: LocalRequest, engine_options: Any) -> Backend:
-    """Download (if needed) and load the model in this process; report the load on stderr."""
+def load_engine(request: LocalRequest, engine_options: Any) -> tuple[Any, str]:
+    """Download (if needed) and load the model in this process; report the load on stderr.
+
+    Returns the Engine and the name to show for it."""
     from . import hub
     from .engine import Engine
 
@@ -51,12 +53,19 @@ def load_local(request: LocalRequest, engine_options: Any) -> Backend:
     context = request.spec.family.context_length if request.spec is not None else None
     with render.spinner(f"loading {name}", quiet=request.quiet):
         engine = Engine.load(local.path, engine_options, context_length=context)
-    described = engine.describe()
     for note in engine.plan.notes:
         render.warn(note)
     if not request.quiet:
+        described = engine.describe()
         render.status(f"loaded {name} on {described['device']} ({described['dtype']}, {described['attn']}) "
                       f"in {engine.load_seconds:.1f} s")
+    return engine, name
+
+
+def load_local(request: LocalRequest, engine_options: Any) -> Backend:
+    """The model loaded in this process, as a Backend for the chat."""
+    engine, name = load_engine(request, engine_options)
+    described = engine.describe()
 
     def respond(messages: list[dict[str, Any]], params: GenerationParams) -> Iterator[Chunk]:
         note = engine.sampling_note(params)

@@ -1,0 +1,162 @@
+"""`qvl batch`: answer every conversation of a JSONL file, fast, resumably.
+
+Order of work: flags and the whole input file are checked first (duplicate ids stop the
+run before anything else), the output is locked and read (ids answered before are
+skipped), lines that cannot run are written as error records, and only then is the model
+loaded (or the server asked). Records are appended and flushed one by one, so Ctrl-C or
+a crash loses only the requests in flight.
+
+Exit codes: 0 every request answered, 1 some failed (their records carry ``error``),
+2 bad usage (flags, duplicate ids, an output file that is not ours), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import batch_io, batch_plan, render
+from .batch_io import BadLine, Request, record
+from .batch_progress import Progress, Tally
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, UsageError
+from .generation import DEFAULT_MAX_TOKENS, GenerationParams
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    input: Path
+    output: Path
+    spec_flags: dict[str, Any] = field(default_factory=dict)
+    model_path: str | None = None
+    revision: str | None = None
+    offline: bool = False
+    force: bool = False
+    endpoint: str | None = None
+    batch_size: str | None = None  # a number, or auto / None
+    media_flags: dict[str, Any] = field(default_factory=dict)
+    params: GenerationParams = GenerationParams()
+    engine_options: Any = None
+    fail_fast: bool = False
+    quiet: bool = False
+
+
+class _FailFast(Exception):
+    """Raised by the writer at the first failure under --fail-fast."""
+
+
+def run(request: BatchRequest) -> int:
+    """The whole `qvl batch` command; returns the exit code."""
+    from .chat_run import image_video_options
+
+    params = request.params.validated()
+    size = batch_plan.parse_batch_size(request.batch_size)
+    _check_sources(request)
+    image_opts, video_opts = image_video_options(request.media_flags)
+    items = batch_io.read_input(request.input, params, image_opts, video_opts)
+    if not items:
+        raise UsageError(f"{request.input} holds no requests", 'write one JSON object per line: {"id": 1, "messages": [...]}')
+    output, existing = batch_io.open_output(request.output, request.input)
+    todo = list(batch_io.pending(items, existing))
+    tally = Tally(total=len(todo), skipped=len(items) - len(todo))
+    if existing.errors and not request.quiet:
+        render.status(f"retrying {existing.errors} request(s) that failed in an earlier run")
+    try:
+        if not todo:
+            render.status(f"nothing to do: all {len(items)} requests are answered in {request.output}")
+            return EXIT_OK
+        with Progress(tally, quiet=request.quiet) as progress:
+            _answer(request, todo, size, _writer(output, tally, progress, request.fail_fast), tally)
+    except _FailFast:
+        render.status(f"stopped at the first failure (--fail-fast); {tally.summary(interrupted=True)}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        render.status(f"interrupted: {tally.summary(interrupted=True)}; rerun the same command to resume")
+        return EXIT_INTERRUPTED
+    finally:
+        tally.ended = tally.ended or _now()
+        output.close()
+    if not request.quiet or tally.failed:
+        render.status(tally.summary())
+    return EXIT_FAILURE if tally.failed else EXIT_OK
+
+
+def _check_sources(request: BatchRequest) -> None:
+    spec_given = any(v is not None for v in request.spec_flags.values())
+    if request.endpoint and (request.model_path or (spec_given and set(
+            k for k, v in request.spec_flags.items() if v is not None) - {"model_name"})):
+        raise UsageError("--endpoint sends the requests to a server: spec flags and --model-path do not apply",
+                         "drop them, or drop --endpoint to load the model here")
+
+
+def _writer(output: batch_io.Output, tally: Tally, progress: Progress, fail_fast: bool):
+    def emit(rec: dict[str, Any]) -> None:
+        output.write(rec)
+        tally.add(rec)
+        progress.update()
+        if fail_fast and rec["error"] is not None:
+            render.error(f"id {batch_io.id_key(rec['id'])}: {rec['error']}", None)
+            raise _FailFast()
+    return emit
+
+
+def _answer(request: BatchRequest, todo: list[Request | BadLine], size: int | None, emit, tally: Tally) -> None:
+    """Write the bad lines' records, then answer the rest locally or through the endpoint."""
+    good = [item for item in todo if isinstance(item, Request)]
+    for item in todo:
+        if isinstance(item, BadLine):
+            emit(record(item.id, error=item.error))
+    if not good:
+        return
+    if request.endpoint:
+        from . import batch_remote
+
+        batch_remote.run(request.endpoint, request.spec_flags.get("model_name"), good,
+                         size or batch_plan.REMOTE_CONCURRENCY, emit, quiet=request.quiet)
+        return
+    from . import batch_local
+
+    engine = _load(request)
+    sizing = _sizing(engine, good, size, request.media_flags.get("max_pixels"))
+    if sizing.reason and not request.quiet:
+        render.status(sizing.reason)
+    tally.started = _now()  # speed is measured from the first batch, not from the load
+    batch_local.run(engine, batch_plan.plan_batches(good, sizing.size), emit)
+
+
+def _load(request: BatchRequest) -> Any:
+    from .backends import LocalRequest, load_engine
+    from .chat_run import resolve_for_loading
+
+    spec, options = resolve_for_loading(request.spec_flags, request.engine_options, request.model_path,
+                                        request.force)
+    engine, _name = load_engine(LocalRequest(spec, request.model_path, request.revision, request.offline,
+                                             request.quiet), options)
+    return engine
+
+
+def _sizing(engine: Any, requests: list[Request], size: int | None, max_pixels: int | None) -> batch_plan.Sizing:
+    """The batch size given, or the one --batch-size auto picks for the largest request."""
+    if size is not None:
+        return batch_plan.Sizing(size, "")
+    on_gpu = bool(engine.plan.gpus)
+    dims, free = None, None
+    if on_gpu:
+        import torch
+
+        dims = batch_plan.dims_from_config(engine.path)
+        free = min(torch.cuda.mem_get_info(g)[0] for g in engine.plan.gpus) * len(engine.plan.gpus)
+    videos = max(r.size[0] for r in requests)
+    images = max(r.size[1] for r in requests)
+    chars = max(r.size[2] for r in requests)
+    max_new = max(r.params.max_tokens or DEFAULT_MAX_TOKENS for r in requests)
+    frames = 768 if videos else 0  # qwen-vl-utils' most frames: the video token budget's bound
+    text_tokens = chars // 2 + 64  # generous: 2 characters a token, plus the chat template
+    return batch_plan.auto_batch_size(dims, free, on_gpu, len(requests), text_tokens, max_new,
+                                      images=images, frames=frames * videos, max_pixels=max_pixels)
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()
