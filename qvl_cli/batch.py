@@ -59,8 +59,9 @@ def run(request: BatchRequest) -> int:
     output, existing = batch_io.open_output(request.output, request.input)
     todo = list(batch_io.pending(items, existing))
     tally = Tally(total=len(todo), skipped=len(items) - len(todo))
-    if existing.errors and not request.quiet:
-        render.status(f"retrying {existing.errors} request(s) that failed in an earlier run")
+    retried = sum(1 for item in todo if batch_io.id_key(item.id) in existing.failed)
+    if retried and not request.quiet:
+        render.status(f"retrying {retried} request(s) that failed in an earlier run")
     try:
         if not todo:
             render.status(f"nothing to do: all {len(items)} requests are answered in {request.output}")

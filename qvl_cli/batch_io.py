@@ -173,7 +173,7 @@ class Existing:
     """What an earlier run left in the output file."""
 
     done: dict[str, dict[str, Any]] = field(default_factory=dict)  # id key -> successful record
-    errors: int = 0  # records with an error (they are retried)
+    failed: set[str] = field(default_factory=set)  # id keys of records with an error (retried)
     dropped: int = 0  # records dropped besides errors: duplicates, a truncated last line
     rewrite: bool = False  # the file must be rewritten without the dropped lines
 
@@ -201,7 +201,7 @@ def read_existing(path: Path) -> Existing:
             raise _not_output(path, number)
         key = id_key(rec["id"])
         if rec["error"] is not None:
-            out.errors += 1
+            out.failed.add(key)
             out.rewrite = True
         elif key in out.done:
             out.dropped += 1

@@ -111,7 +111,7 @@ class Progress:
             failed = f"[red]{tally.failed} failed[/red] " if tally.failed else ""
             info = f"{failed}{tally.tokens_per_second:.1f} tok/s  ETA {clock(tally.eta())}"
             self.bar.update(self.task, completed=tally.done, info=info)
-        elif not self.quiet and time.perf_counter() - self.last >= self.interval:
+        elif not self.quiet and time.perf_counter() - max(self.last, tally.started) >= self.interval:
             self.last = time.perf_counter()
             self.stream.write(plain_line(tally) + "\n")
             self.stream.flush()
