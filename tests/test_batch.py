@@ -1,0 +1,345 @@
+"""`qvl batch` end to end on the tiny checkpoint (CPU): batched answers equal single ones,
+bad lines, duplicate ids, resumption after Ctrl-C and after a crash, and --endpoint
+against an OpenAI-compatible loopback server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import qvl_env, run_qvl
+from media_fixtures import make_image, make_video
+
+USER = "user"
+
+
+def user(*parts):
+    return [{"role": USER, "content": list(parts)}]
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch-media")
+    return {"red": str(make_image(root / "red.png", 64, 48, (200, 30, 30))),
+            "blue": str(make_image(root / "blue.png", 100, 60, (30, 30, 200))),
+            "clip": str(make_video(root / "clip.mp4", seconds=2.0, fps=8)),
+            "root": root}
+
+
+def batch(tiny_model, inp, out, *extra, **kw):
+    return run_qvl("batch", str(inp), "-o", str(out), "--model-path", str(tiny_model), *extra, **kw)
+
+
+# --- equivalence ---------------------------------------------------------------------------------
+
+
+def chat_answer(tiny_model, capsys, prompt, images=(), videos=(), system=None, max_tokens=24):
+    """The same request alone through `qvl chat`'s code path (chat_run.run, --json)."""
+    from qvl_cli import chat_run
+    from qvl_cli.engine import EngineOptions
+    from qvl_cli.generation import GenerationParams
+
+    capsys.readouterr()
+    code = chat_run.run(chat_run.ChatRequest(
+        prompt=prompt, model_path=str(tiny_model), images=tuple(images), videos=tuple(videos), system=system,
+        params=GenerationParams(max_tokens=max_tokens, temperature=0),
+        engine_options=EngineOptions(device="cpu"), json_output=True, quiet=True))
+    assert code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_batched_answers_equal_single_chat_answers(tiny_model, media, tmp_path, capsys):
+    red, blue, clip = media["red"], media["blue"], media["clip"]
+    story = "Tell me a long story about a journey over the mountains and the sea, with many turns."
+    cases = {  # id -> (input line fields, chat arguments)
+        "text": ({"messages": [{"role": "user", "content": "Hello there."}]}, ("Hello there.",)),
+        "system": ({"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": story}],
+                    "max_tokens": 16}, (story, (), (), "You are terse.", 16)),
+        "image-openai": ({"messages": user({"type": "image_url", "image_url": {"url": red}}, text("What is this?"))},
+                         ("What is this?", (red,))),
+        "image-qwen": ({"messages": user({"type": "image", "image": red}, text("What is this?"))},
+                       ("What is this?", (red,))),
+        "two-images": ({"messages": user({"type": "image", "image": red}, {"type": "image_url", "image_url": {"url": blue}},
+                                         text("Compare these two pictures, in detail."))},
+                       ("Compare these two pictures, in detail.", (red, blue))),
+        "video": ({"messages": user({"type": "video_url", "video_url": {"url": clip}}, text("Summarise."))},
+                  ("Summarise.", (), (clip,))),
+    }
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": k, **fields} for k, (fields, _) in cases.items()])
+    out = tmp_path / "out.jsonl"
+    result = batch(tiny_model, inp, out, "--batch-size", "8", "--temperature", "0", "--max-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    got = {r["id"]: r for r in read_jsonl(out)}
+    assert set(got) == set(cases)
+    assert len({r["usage"]["prompt_tokens"] for r in got.values()}) >= 5  # really padded: lengths differ
+    assert "6 requests in" in result.stderr and "requests/s" in result.stderr
+    for key, (_, args) in cases.items():
+        alone = chat_answer(tiny_model, capsys, *args)
+        assert got[key]["error"] is None
+        assert (got[key]["text"], got[key]["finish_reason"], got[key]["usage"]) == \
+            (alone["text"], alone["finish_reason"], alone["usage"]), key
+    assert got["image-openai"]["text"] == got["image-qwen"]["text"]
+    assert got["system"]["usage"]["completion_tokens"] <= 16
+
+
+# --- bad lines, duplicate ids ------------------------------------------------------------------------
+
+
+def test_bad_lines_get_error_records_and_the_rest_is_answered(tiny_model, media, tmp_path):
+    broken = media["root"] / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 10)
+    huge = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(12000))  # > 32,768 tokens
+    rows = [
+        {"id": "ok", "messages": [{"role": "user", "content": "Hello there."}]},
+        '{"id": "torn", "messages": [{"role": "user"',
+        {"id": "no-image", "messages": user({"type": "image", "image": str(media["root"] / "nope.png")}, text("?"))},
+        {"id": "bad-video", "messages": user({"type": "video", "video": str(broken)}, text("?"))},
+        {"id": "too-long", "messages": [{"role": "user", "content": huge}]},
+        {"id": "typo", "messages": [{"role": "user", "content": "hi"}], "temprature": 0.5},
+        {"id": "img", "messages": user({"type": "image", "image": media["red"]}, text("What is this?"))},
+    ]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    result = batch(tiny_model, inp, out, "--max-tokens", "8")
+    assert result.returncode == 1, result.stderr
+    got = {r["id"]: r for r in read_jsonl(out)}
+    assert set(got) == {"ok", 2, "no-image", "bad-video", "too-long", "typo", "img"}
+    assert got["ok"]["error"] is None and got["img"]["error"] is None and got["img"]["text"]
+    assert "not valid JSON" in got[2]["error"]
+    assert "nope.png" in got["no-image"]["error"]
+    assert "broken.mp4" in got["bad-video"]["error"]
+    assert "context length is 32768" in got["too-long"]["error"]
+    assert "did you mean temperature?" in got["typo"]["error"]
+    assert all(got[k]["text"] is None for k in got if k not in ("ok", "img"))
+    assert "5 failed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fail_fast_stops_at_the_first_failure_before_loading(tiny_model, tmp_path):
+    rows = [{"id": i, "messages": [{"role": "user", "content": "hi"}]} for i in range(3)] + ["not json"]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    result = batch(tiny_model, inp, out, "--fail-fast")
+    assert result.returncode == 1
+    assert [r["id"] for r in read_jsonl(out)] == [4]
+    assert "--fail-fast" in result.stderr and "loaded" not in result.stderr
+
+
+def test_duplicate_ids_stop_before_anything_runs(tiny_model, tmp_path):
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "x"}]},
+            {"id": "b", "messages": [{"role": "user", "content": "x"}]},
+            {"id": "a", "messages": [{"role": "user", "content": "y"}]}]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    result = batch(tiny_model, inp, out)
+    assert result.returncode == 2
+    assert 'duplicate ids in the input: id "a" on lines 1, 3' in result.stderr
+    assert not out.exists()
+
+
+# --- interruption and resumption ----------------------------------------------------------------------
+
+
+def _start(tiny_model, inp, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "qvl_cli", "batch", str(inp), "-o", str(out),
+                             "--model-path", str(tiny_model), *extra],
+                            env=qvl_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lines(out: Path, n: int, proc, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_text().count("\n") >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no output lines in time")
+
+
+def test_ctrl_c_and_a_crash_lose_nothing_and_resume_without_redoing(tiny_model, tmp_path):
+    total = 24
+    rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"Tell me a story, number {i}."}]}
+            for i in range(total)]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    args = ("--batch-size", "1", "--max-tokens", "200", "--temperature", "0")
+
+    # 1. Ctrl-C after a few answers: what is done stays written, exit 130
+    proc = _start(tiny_model, inp, out, *args)
+    _wait_for_lines(out, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "rerun the same command to resume" in err
+    first = read_jsonl(out)  # every line is whole
+    assert 3 <= len(first) < total and all(r["error"] is None for r in first)
+
+    # 2. a crash (SIGKILL), and a record torn in mid-write
+    proc = _start(tiny_model, inp, out, *args)
+    _wait_for_lines(out, len(first) + 2, proc)
+    proc.kill()
+    proc.communicate()
+    with out.open("a") as handle:
+        handle.write('{"id": "s99", "text": "half a li')
+    second = [json.loads(x) for x in out.read_text().splitlines()[:-1]]
+    assert second[:len(first)] == first and len(second) < total
+
+    # 3. the rerun finishes the rest only
+    result = run_qvl("batch", str(inp), "-o", str(out), "--model-path", str(tiny_model), *args)
+    assert result.returncode == 0, result.stderr
+    final = read_jsonl(out)
+    ids = [r["id"] for r in final]
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # every id exactly once
+    assert final[:len(second)] == second  # earlier answers kept as they were
+    assert f"{total - len(second)} requests in" in result.stderr
+    assert f"{len(second)} skipped" in result.stderr
+
+    # 4. and once more: nothing to do
+    again = run_qvl("batch", str(inp), "-o", str(out), "--model-path", str(tiny_model), *args)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert read_jsonl(out) == final
+
+
+# --- --endpoint ---------------------------------------------------------------------------------------
+
+
+class _Server:
+    """A small OpenAI-compatible server over the tiny model: /v1/models and non-streamed
+    /v1/chat/completions, answering with the same engine `qvl batch` loads."""
+
+    def __init__(self, tiny_model):
+        from qvl_cli.engine import Engine, EngineOptions
+
+        self.engine = Engine.load(tiny_model, EngineOptions(device="cpu"))
+        self.bodies: list[dict] = []
+        self.in_flight = self.most_in_flight = 0
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def answer(self, body: dict) -> tuple[int, dict]:
+        from qvl_cli import messages as msgs
+        from qvl_cli.errors import QvlError
+        from qvl_cli.generation import GenerationParams, collect
+
+        extra = {k: body.get(k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")}
+        try:
+            params = GenerationParams(**extra, stop=tuple(body.get("stop") or ()))
+            answer = collect(self.engine.stream(msgs.from_openai(body["messages"]), params))
+        except QvlError as exc:
+            return 400, {"error": {"message": exc.message, "type": "invalid_request_error"}}
+        usage = answer.usage.to_dict()
+        return 200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                                  "finish_reason": answer.finish_reason}], "usage": usage}
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code, data):
+                raw = json.dumps(data).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    return self._send(200, {"object": "list", "data": [{"id": "tiny", "object": "model",
+                                                                        "created": 0, "owned_by": "qvl"}]})
+                self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.bodies.append(body)
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                try:
+                    time.sleep(0.05)  # let requests overlap
+                    self._send(*server.answer(body))
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+        return Handler
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_endpoint_sends_each_request_to_the_server(tiny_model, media, tmp_path):
+    rows = [{"id": "text", "messages": [{"role": "user", "content": "Hello there."}]},
+            {"id": "img", "messages": user({"type": "image", "image": media["red"]}, text("What is this?")),
+             "max_tokens": 6, "stop": ["zzz"]},
+            {"id": "img2", "messages": user({"type": "image_url", "image_url": {"url": media["blue"]}}, text("And this?"))},
+            {"id": "gone", "messages": user({"type": "image", "image": str(media["root"] / "gone.png")}, text("?"))},
+            {"id": "long", "messages": [{"role": "user", "content": "Tell me a story."}]}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    local_out, remote_out = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    local = batch(tiny_model, inp, local_out, "--temperature", "0", "--max-tokens", "12")
+    server = _Server(tiny_model)
+    try:
+        remote = run_qvl("batch", str(inp), "-o", str(remote_out), "--endpoint", server.url,
+                         "--batch-size", "3", "--temperature", "0", "--max-tokens", "12")
+    finally:
+        server.close()
+    assert local.returncode == remote.returncode == 1, remote.stderr
+    mine = {r["id"]: r for r in read_jsonl(local_out)}
+    theirs = {r["id"]: r for r in read_jsonl(remote_out)}
+    for key in ("text", "img", "img2", "long"):
+        assert theirs[key]["error"] is None
+        assert (theirs[key]["text"], theirs[key]["usage"], theirs[key]["finish_reason"]) == \
+            (mine[key]["text"], mine[key]["usage"], mine[key]["finish_reason"]), key
+    assert "gone.png" in theirs["gone"]["error"]
+    sent = {json.dumps(b["messages"])[:40]: b for b in server.bodies}
+    assert len(server.bodies) == 4 and all(b["model"] == "tiny" for b in server.bodies)
+    image_part = next(b for b in server.bodies if b.get("stop"))["messages"][0]["content"][0]
+    assert image_part["image_url"]["url"].startswith("data:image/png;base64,")  # local files go inline
+    assert next(b for b in server.bodies if b.get("stop"))["max_tokens"] == 6
+    assert server.most_in_flight >= 2
+    assert sent
+
+
+def test_endpoint_that_cannot_be_reached_is_one_line(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "messages": [{"role": "user", "content": "hi"}]}])
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = run_qvl("batch", str(inp), "-o", str(tmp_path / "out.jsonl"), "--endpoint", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert f"cannot reach http://127.0.0.1:{port}/v1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_endpoint_refuses_spec_flags(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "messages": [{"role": "user", "content": "hi"}]}])
+    result = run_qvl("batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--endpoint", "http://x", "-s", "7")
+    assert result.returncode == 2 and "--endpoint" in result.stderr
