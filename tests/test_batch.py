@@ -93,7 +93,7 @@ def test_batched_answers_equal_single_chat_answers(tiny_model, media, tmp_path, 
     assert result.returncode == 0, result.stderr
     got = {r["id"]: r for r in read_jsonl(out)}
     assert set(got) == set(cases)
-    assert len({r["usage"]["prompt_tokens"] for r in got.values()}) >= 5  # really padded: lengths differ
+    assert len({r["usage"]["prompt_tokens"] for r in got.values()}) >= 4  # really padded: lengths differ
     assert "6 requests in" in result.stderr and "requests/s" in result.stderr
     for key, (_, args) in cases.items():
         alone = chat_answer(tiny_model, capsys, *args)
