@@ -176,11 +176,11 @@ def _wait_for_lines(out: Path, n: int, proc, timeout: float = 120) -> None:
 
 
 def test_ctrl_c_and_a_crash_lose_nothing_and_resume_without_redoing(tiny_model, tmp_path):
-    total = 24
+    total = 12
     rows = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"Tell me a story, number {i}."}]}
             for i in range(total)]
     inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
-    args = ("--batch-size", "1", "--max-tokens", "200", "--temperature", "0")
+    args = ("--batch-size", "1", "--max-tokens", "120", "--temperature", "0")
 
     # 1. Ctrl-C after a few answers: what is done stays written, exit 130
     proc = _start(tiny_model, inp, out, *args)

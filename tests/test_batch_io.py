@@ -253,3 +253,32 @@ def test_tally_summary_and_plain_progress_line():
     assert tally.summary(interrupted=True).startswith("2 of 10 requests")
     assert plain_line(tally) == "batch: 2/10 done (1 failed), 0.50 requests/s, 0.5 tokens/s, ETA 0:16"
     assert clock(3725) == "1:02:05" and clock(None) == "?"
+
+
+def test_progress_prints_plain_lines_off_a_terminal(monkeypatch, capsys):
+    from qvl_cli.batch_progress import Progress
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    tally = Tally(total=3, started=0.0)
+    with Progress(tally, interval=0) as progress:
+        assert progress.bar is None
+        tally.add(ok("a"))
+        progress.update()
+    assert capsys.readouterr().err.startswith("batch: 1/3 done, ")
+    with Progress(tally, quiet=True, interval=0) as progress:
+        progress.update()
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_shows_a_bar_on_a_terminal(monkeypatch):
+    from qvl_cli.batch_progress import Progress
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    tally = Tally(total=4)
+    with Progress(tally) as progress:
+        tally.add(ok("a"))
+        tally.add(batch_io.record("b", error="x"))
+        progress.update()
+        task = progress.bar.tasks[0]
+        assert (task.completed, task.total) == (2, 4)
+        assert "1 failed" in task.fields["info"] and "ETA" in task.fields["info"]
