@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import socket
 import urllib.error
 import urllib.request
@@ -122,7 +124,8 @@ class HubClient:
             return False, GatedRepo(f"{repo_id} needs a {self.label} token: {self.token_hint}",
                                     "with a token, check that it has access to the repository "
                                     "(some repos ask you to accept their terms on the model page)")
-        if names & {"RevisionNotFoundError"} or (names & {"NotExistError"} and "revision" in str(exc).lower()):
+        said = str(getattr(exc, "message", None) or exc).split("\n")[0].lower()  # not the URL's ?Revision=
+        if names & {"RevisionNotFoundError"} or (names & {"NotExistError"} and "revision" in said):
             return False, RepoNotFound(f"{repo_id} has no revision {revision!r} on {self.where()}",
                                        "check --revision, or leave it out to use the catalogue's")
         if names & {"RepositoryNotFoundError", "NotExistError", "NotFoundError"} or status == 404:
@@ -199,10 +202,48 @@ class HuggingFace(HubClient):
         return layout.hf_repo_dir(listing.repo_id) / "snapshots" / str(listing.commit)
 
     def fetch(self, listing: Listing, file: RemoteFile, progress: Progress) -> None:
-        from huggingface_hub import hf_hub_download
+        """One file into the HF cache layout (blobs/<etag>, snapshots/<commit>/<path> -> blob).
 
-        hf_hub_download(listing.repo_id, file.path, revision=listing.commit, endpoint=self.endpoint,
-                        cache_dir=str(self.cache), tqdm_class=_tqdm_class(progress, file.path))
+        huggingface_hub >= 2 downloads into a per-process temporary file that it deletes on
+        failure, so an interrupted `hf_hub_download` always starts over. qvl keeps the partial
+        bytes in blobs/<etag>.incomplete (the name older clients used) and resumes them with
+        a Range request through the client's own `http_get`, under the client's blob lock.
+        Xet-stored files go through `hf_hub_download`, whose Xet transfer is chunk-cached.
+        """
+        from filelock import FileLock
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+        from huggingface_hub.file_download import http_get, is_xet_available
+        from huggingface_hub.utils import build_hf_headers
+
+        pointer = self.snapshot(listing) / file.path
+        if pointer.exists():
+            return
+        url = hf_hub_url(listing.repo_id, file.path, revision=listing.commit, endpoint=self.endpoint)
+        meta = get_hf_file_metadata(url, endpoint=self.endpoint, library_name="qvl")
+        if meta.xet_file_data is not None and is_xet_available():
+            hf_hub_download(listing.repo_id, file.path, revision=listing.commit, endpoint=self.endpoint,
+                            cache_dir=str(self.cache), tqdm_class=_tqdm_class(progress, file.path))
+            return
+        etag = meta.etag or file.etag
+        repo_dir = layout.hf_repo_dir(listing.repo_id)
+        blob = repo_dir / "blobs" / str(etag)
+        lock = self.cache / ".locks" / repo_dir.name / f"{etag}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock)):
+            if not blob.exists():
+                partial = blob.with_name(blob.name + ".incomplete")
+                if (layout.file_size(partial) or 0) > (meta.size or file.size):
+                    partial.unlink()  # longer than the file: not a prefix of it
+                with partial.open("ab") as out:
+                    http_get(meta.location, out, resume_size=out.tell(), expected_size=meta.size,
+                             headers=build_hf_headers(library_name="qvl"), displayed_filename=file.path,
+                             tqdm_class=_tqdm_class(progress, file.path))
+                partial.chmod(0o644)
+                os.replace(partial, blob)
+            pointer.parent.mkdir(parents=True, exist_ok=True)
+            if not pointer.exists():
+                _link(blob, pointer)
 
     def discard(self, listing: Listing, file: RemoteFile) -> None:
         link = self.snapshot(listing) / file.path
@@ -272,6 +313,16 @@ class ModelScope(HubClient):
         target = self.snapshot(listing) / file.path
         target.unlink(missing_ok=True)
         layout.ms_partial_path(self.snapshot(listing), file).unlink(missing_ok=True)
+
+
+def _link(blob: Path, pointer: Path) -> None:
+    """A relative symlink from the snapshot to the blob, as huggingface_hub makes it (a copy
+    where the file system has no symlinks)."""
+    try:
+        pointer.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(blob, pointer.parent), pointer)
+    except OSError:
+        shutil.copyfile(blob, pointer)
 
 
 def client_for(hub: str) -> HubClient:

@@ -38,7 +38,7 @@ def note(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    stderr_console().print(f"[yellow]warning:[/yellow] {escape(message)}")
+    stderr_console().print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def escape(text: str) -> str:
@@ -48,10 +48,10 @@ def escape(text: str) -> str:
 
 
 def error(message: str, hint: str | None) -> None:
-    console = stderr_console()
-    console.print(f"[bold red]error:[/bold red] {escape(message)}")
+    console = stderr_console()  # one line each, never wrapped at the console width
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
     if hint:
-        console.print(f"[dim]hint: {escape(hint)}[/dim]")
+        console.print(f"[dim]hint: {escape(hint)}[/dim]", soft_wrap=True)
 
 
 def table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
