@@ -182,8 +182,8 @@ def verify(entry: CachedModel) -> VerifyReport:
                         "finish it with `qvl download`, or remove it with `qvl remove-cache --all-partial`")
     manifest = layout.read_manifest(entry.hub, entry.repo_id, entry.snapshot_name)
     if manifest is not None:
-        files = [RemoteFile(f["path"], f["size"], f["sha256"]) for f in manifest["files"]]
-        against = "qvl manifest"
+        files = [RemoteFile(f["path"], f["size"], f.get("sha256"), f.get("git_sha1")) for f in manifest["files"]]
+        against = "qvl manifest" if manifest.get("complete", True) else "hub listing recorded by qvl"
     else:
         listing = layout.hf_tree_listing(entry.repo_id, entry.commit) if entry.hub == HF and entry.commit else None
         if listing is None:
@@ -194,7 +194,7 @@ def verify(entry: CachedModel) -> VerifyReport:
         files, against = list(listing.files), "hub listing cached by huggingface_hub"
     results = tuple((f.path, layout.check_file(entry.path / f.path, f)[0]) for f in files)
     report = VerifyReport(entry, against, results)
-    if manifest is not None and not report.ok:
+    if manifest is not None and manifest.get("complete", True) and not report.ok:
         # The record no longer describes the files: drop it, so the copy stops counting as
         # complete and the next `qvl download` checks every file and fetches the bad ones.
         layout.manifest_path(entry.hub, entry.repo_id, entry.snapshot_name).unlink(missing_ok=True)
@@ -227,8 +227,9 @@ class RemovalPlan:
              "kept_shared": list(i.kept)} for i in self.items]}
 
 
-def plan_for(spec_flags: tuple, all_partial: bool) -> RemovalPlan:
-    """The removal plan for `remove-cache`: the copies of a spec, or every partial download."""
+def plan_for(spec_flags: tuple, all_partial: bool, revision: str | None = None) -> RemovalPlan:
+    """The removal plan for `remove-cache`: the copies of a spec (of one revision when given),
+    or every partial download."""
     entries = scan()
     if any(flag is not None for flag in spec_flags):
         targets = for_spec(resolve(*spec_flags), entries)
@@ -239,6 +240,8 @@ def plan_for(spec_flags: tuple, all_partial: bool) -> RemovalPlan:
                          "`qvl cached` lists what is in the caches")
     if all_partial:
         targets = [e for e in targets if e.state == "partial"]
+    if revision:
+        targets = [e for e in targets if revision in (e.commit, e.snapshot_name, *e.revision.split(", "))]
     return plan_removal(targets, entries)
 
 

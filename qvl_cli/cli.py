@@ -212,6 +212,7 @@ def remove_cache(
     model_format: ModelFormat = None,
     quantization: Quantization = None,
     download_hub: DownloadHub = None,
+    revision: Revision = None,
     all_partial: Annotated[bool, typer.Option("--all-partial", help="Every partial download.")] = False,
     dry_run: DryRun = False,
     yes: Yes = False,
@@ -219,11 +220,12 @@ def remove_cache(
 ) -> None:
     """Delete cached models: shows what goes and the space freed, asks, then deletes.
 
-    Files that another cached revision still uses are kept."""
+    Every cached revision of the spec goes unless --revision names one. Files that another
+    cached revision still uses are kept."""
     from . import cache
 
     flags = (model_name, model_engine, size_in_billions, model_format, quantization, download_hub)
-    plan = cache.plan_for(flags, all_partial)
+    plan = cache.plan_for(flags, all_partial, revision)
     if json_output:
         render.print_json(plan.to_dict())
     else:

@@ -268,6 +268,7 @@ def _fetch_all(client, listing: Listing, spec: ResolvedSpec, say: _Say) -> Local
                if f.path not in have and (p := layout.partial_path(listing.hub, listing.repo_id, snapshot, f))}
     need = sum(f.size for f in listing.files if f.path not in have) - sum(partial.values())
     _check_disk(need, client.cache, listing)
+    _write_pending(listing, snapshot, client.endpoint)
     done = sum(f.size for f in listing.files if f.path in have)
     say(f"{len(listing.files)} files, {human_bytes(listing.total_size)}; "
         f"{human_bytes(max(need, 0))} to fetch" + (f" (resuming {len(partial)} partial file(s))"
@@ -357,13 +358,28 @@ def _check_disk(need: int, cache: Path, listing: Listing) -> None:
 
 def _write_manifest(listing: Listing, snapshot: Path, checked: list[tuple[RemoteFile, str]],
                     endpoint: str | None) -> None:
+    """Record a complete, verified copy: every file with its size and sha256."""
     files = [{"path": f.path, "size": f.size, "sha256": sha,
               "checked": "sha256" if f.sha256 else ("git-sha1" if f.git_sha1 else "size")}
              for f, sha in checked]
+    _manifest(listing, snapshot, endpoint, files, complete=True)
+
+
+def _write_pending(listing: Listing, snapshot: Path, endpoint: str | None) -> None:
+    """Before fetching: record the listing, so an interrupted copy is known to be partial."""
+    current = layout.read_manifest(listing.hub, listing.repo_id, snapshot.name)
+    if current is not None and current.get("complete", True) and current.get("commit") == listing.commit:
+        return  # a verified record stays until the files are checked again
+    files = [{"path": f.path, "size": f.size, "sha256": f.sha256, "git_sha1": f.git_sha1}
+             for f in listing.files]
+    _manifest(listing, snapshot, endpoint, files, complete=False)
+
+
+def _manifest(listing: Listing, snapshot: Path, endpoint: str | None, files: list[dict], complete: bool) -> None:
     layout.write_manifest(listing.hub, listing.repo_id, snapshot.name, {
         "hub": listing.hub, "repo_id": listing.repo_id, "revision": listing.revision,
-        "commit": listing.commit, "endpoint": endpoint, "path": str(snapshot),
-        "verified_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": listing.commit, "complete": complete, "endpoint": endpoint, "path": str(snapshot),
+        "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "total_size": listing.total_size, "files": files,
     })
 

@@ -182,7 +182,7 @@ def test_a_corrupted_file_is_fetched_again_then_refused(server, model_repo):
     snapshot = layout.hf_repo_dir(HF_ID) / "snapshots" / PIN
     assert not (snapshot / SHARD1).exists()  # the bad bytes are not kept
     assert layout.local_copy("huggingface", HF_ID, PIN).state == "partial"
-    assert layout.read_manifest("huggingface", HF_ID, PIN) is None
+    assert layout.read_manifest("huggingface", HF_ID, PIN)["complete"] is False  # the listing, not a record
 
 
 def test_one_corrupted_transfer_is_repaired(server, model_repo):
