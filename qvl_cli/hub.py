@@ -85,6 +85,7 @@ def ensure_local(spec: ResolvedSpec, hub: str | None = None, revision: str | Non
     from .hub_clients import forward_logs
 
     client, source = _choose(sources, spec, say)
+    client.load()
     with contextlib.ExitStack() as stack:
         stack.enter_context(forward_logs(say, client.logger_names))
         listing = _retry(lambda: client.listing(source.model_id, source.revision), client, source,

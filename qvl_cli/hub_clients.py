@@ -108,6 +108,9 @@ class HubClient:
     def probe_url(self, repo_id: str) -> str:
         raise NotImplementedError
 
+    def load(self) -> None:
+        """Import the SDK (it sets up its loggers on import; forward_logs comes after)."""
+
     def probe(self, repo_id: str) -> str | None:
         return _probe(self.probe_url(repo_id), settings.hub_timeout())
 
@@ -178,6 +181,9 @@ class HuggingFace(HubClient):
 
     def probe_url(self, repo_id: str) -> str:
         return f"{self.endpoint}/api/models/{repo_id}"
+
+    def load(self) -> None:
+        import huggingface_hub.file_download  # noqa: F401
 
     def listing(self, repo_id: str, revision: str) -> Listing:
         from huggingface_hub import HfApi
@@ -268,7 +274,7 @@ class ModelScope(HubClient):
     hub = MS
     label = "ModelScope"
     token_hint = "run `modelscope login --token TOKEN` or set MODELSCOPE_API_TOKEN"
-    logger_names = ("modelscope_hub", "modelscope")
+    logger_names = ("modelscope_hub",)
 
     def _endpoint(self) -> str:
         return settings.modelscope_endpoint()
@@ -279,7 +285,12 @@ class ModelScope(HubClient):
     def probe_url(self, repo_id: str) -> str:
         return f"{self.endpoint}/api/v1/models/{repo_id}"
 
+    def load(self) -> None:
+        self._api()
+
     def _api(self):
+        if getattr(self, "_hub_api", None) is not None:
+            return self._hub_api
         from modelscope_hub import HubApi
 
         import modelscope_hub._download as ms_download
@@ -289,7 +300,8 @@ class ModelScope(HubClient):
         # reports progress through the client's progress_callbacks instead.
         if getattr(ms_download, "tqdm", None) is not _SilentBar:
             ms_download.tqdm = _SilentBar
-        return HubApi(endpoint=self.endpoint)
+        self._hub_api = HubApi(endpoint=self.endpoint)
+        return self._hub_api
 
     def listing(self, repo_id: str, revision: str) -> Listing:
         raw = self._api().legacy.list_repo_files(repo_id=repo_id, repo_type="model",

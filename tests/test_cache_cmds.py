@@ -204,3 +204,25 @@ def test_list_specs_shows_what_is_cached_from_local_files_only(server, qvl):
                for key, s in states.items() if key != ("pytorch", "2", "none"))
     table = qvl("list-specs", "-s", "2", "-f", "pytorch").stdout
     assert "cached" in table and "│ hf" in table
+
+
+# --- progress -------------------------------------------------------------------------------
+
+
+def test_progress_on_a_terminal_is_a_live_display(server, qvl):
+    result = qvl("download", "-s", "2", env={"TTY_COMPATIBLE": "1", "COLUMNS": "120"})
+    assert result.returncode == 0, result.stderr
+    assert "━" in result.stderr and "MB/s" in result.stderr and HF_ID in result.stderr
+    assert "% 1.5 MB of" not in result.stderr  # not the plain lines
+
+
+def test_progress_counts_a_retried_file_once():
+    from qvl_cli.progress import Progress
+
+    bar = Progress("m", total=300, done=100)
+    bar.start_file("a", 200)
+    bar.advance("a", 150)
+    bar.start_file("a", 200, initial=120)  # the client resumed from the 120 bytes on disk
+    assert bar.done == 220
+    bar.forget("a")  # thrown away after a failed check
+    assert bar.done == 100
