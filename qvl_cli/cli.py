@@ -14,18 +14,31 @@ import typer
 
 from . import __version__, render, settings
 from .errors import EXIT_FAILURE, QvlError, translate
-from .options import (DownloadHub, DryRun, JsonOutput, ModelEngine, ModelFormat, ModelName, Offline,
-                      Quantization, Quiet, Revision, SizeInBillions, Yes)
+from .options import (Attn, ContextLength, Device, DownloadHub, DryRun, Dtype, Fit, Force, Fps, GpuIdx,
+                      Images, JsonOutput, MaxFrames, MaxMemory, MaxPixels, MaxTokens, MinPixels, ModelEngine,
+                      ModelFormat, ModelName, ModelPath, NGpu, Offline, Quantization, Quiet, RepetitionPenalty,
+                      Revision, Seed, SizeInBillions, Stop, Temperature, TopK, TopP, VideoEnd, Videos,
+                      VideoStart, Yes)
 
 APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language models.
 
 [bold]Examples[/bold]
 
+  qvl chat --image photo.jpg "What is in this picture?"
+  qvl chat -s 7 -f awq                   an interactive chat (/help lists its commands)
   qvl list-specs                         every model spec in the catalogue
   qvl resolve -s 7 -f awq                which checkpoint `launch -s 7 -f awq` would use
+  qvl resolve -s auto                    the largest spec that fits the GPUs, and its memory
   qvl download -s 7 -f awq               fetch it into the Hugging Face (or ModelScope) cache
   qvl cached                             what is in the caches
 """
+
+
+
+def examples(*lines: str) -> str:
+    """The epilog of a command's --help: one example per line."""
+    return "[bold]Examples[/bold]\n\n" + "\n".join(f"  {line}" for line in lines)
+
 
 app = typer.Typer(
     name="qvl", help=APP_HELP, rich_markup_mode="rich", no_args_is_help=True,
@@ -48,12 +61,15 @@ def _root(
     """qvl: launch, chat with and serve the Qwen2-VL vision-language models."""
 
 
-@app.command("list-specs", epilog="Examples: qvl list-specs -s 7 | qvl list-specs -f gptq --json")
+@app.command("list-specs", epilog=examples("qvl list-specs -s 7", "qvl list-specs -f gptq --json"))
 def list_specs(
     model_name: ModelName = None,
     model_format: ModelFormat = None,
     size_in_billions: SizeInBillions = None,
     quantization: Quantization = None,
+    show_fit: Fit = False,
+    gpu_idx: GpuIdx = None,
+    context_length: ContextLength = None,
     json_output: JsonOutput = False,
 ) -> None:
     """List the model specs of the catalogue, one row per spec and quantization.
@@ -66,14 +82,22 @@ def list_specs(
     rows = specs.filter_rows(catalogue, model_name, model_format, size_in_billions, quantization)
     for row in rows:
         row["cached"] = cache.row_states(row)
+    if show_fit:
+        from . import fit, gpus, memory
+
+        report = gpus.query(gpu_idx)
+        rows = fit.annotate_rows(catalogue, rows, report, memory.workload(context_length))
+        render.status("GPUs: " + report.describe())
     if json_output:
         render.print_json(rows)
         return
+    extra = ["memory", "fits"] if show_fit else []
     render.table(
-        ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope", "cached"],
+        ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope", "cached", *extra],
         [[r["model_name"], r["model_format"], r["size_in_billions"] + "B", r["quantization"],
           ", ".join(r["engines"]), (r["huggingface"] or {}).get("model_id", "-"),
-          (r["modelscope"] or {}).get("model_id", "-"), _cached_cell(r["cached"])] for r in rows],
+          (r["modelscope"] or {}).get("model_id", "-"), _cached_cell(r["cached"]),
+          *render.fit_cells(r, show_fit)] for r in rows],
     )
 
 
@@ -86,7 +110,7 @@ def _cached_cell(states: dict[str, str]) -> str:
     return ", ".join(parts) or "-"
 
 
-@app.command(epilog="Examples: qvl resolve -s 7 -f awq | qvl resolve -s 72 -f gptq -q Int8 --json")
+@app.command(epilog=examples("qvl resolve -s 7 -f awq", "qvl resolve -s 72 -f gptq -q Int8 --json"))
 def resolve(
     model_name: ModelName = None,
     model_engine: ModelEngine = None,
@@ -94,28 +118,36 @@ def resolve(
     model_format: ModelFormat = None,
     quantization: Quantization = None,
     download_hub: DownloadHub = None,
+    gpu_idx: GpuIdx = None,
+    context_length: ContextLength = None,
+    max_pixels: MaxPixels = None,
     json_output: JsonOutput = False,
 ) -> None:
-    """Show the concrete spec that `launch` would use, and which values were defaulted."""
-    from . import specs
+    """Show the concrete spec that `launch` would use, its memory estimate and whether it fits."""
+    from . import fit, memory
 
-    spec = specs.resolve(model_name, model_engine, size_in_billions, model_format,
-                         quantization, download_hub)
+    result = fit.resolve_and_check(model_name, model_engine, size_in_billions, model_format,
+                                   quantization, download_hub, gpu_idx,
+                                   memory.workload(context_length, max_pixels))
+    spec = result.spec
+    if result.choice is not None:
+        render.status(result.choice.reason)
     if json_output:
-        render.print_json(spec.to_dict())
+        render.print_json({**spec.to_dict(), **result.to_dict()})
         return
     data = spec.to_dict()
     fields = ["model_name", "model_engine", "model_format", "size_in_billions",
               "quantization", "hub", "model_id", "revision", "context_length"]
     render.key_values(
         [(f, f"{data[f]}" + (" (default)" if f in spec.defaulted else "")) for f in fields]
-        + [(f"{s.hub} id", f"{s.model_id} @ {s.revision}") for s in spec.sources[1:]],
+        + [(f"{s.hub} id", f"{s.model_id} @ {s.revision}") for s in spec.sources[1:]]
+        + result.rows(),
         title=spec.label(),
     )
 
 
-@app.command(epilog="Examples: qvl download -s 7 -f awq | HF_ENDPOINT=https://hf-mirror.com qvl download -s 2 | "
-                    "qvl download -s 2 --download-hub modelscope")
+@app.command(epilog=examples("qvl download -s 7 -f awq", "HF_ENDPOINT=https://hf-mirror.com qvl download -s 2",
+                             "qvl download -s 2 --download-hub modelscope --quiet"))
 def download(
     model_name: ModelName = None,
     model_engine: ModelEngine = None,
@@ -142,7 +174,7 @@ def download(
         typer.echo(str(model.path))
 
 
-@app.command(epilog="Examples: qvl verify -s 2 | qvl verify -s 7 -f awq --json")
+@app.command(epilog=examples("qvl verify -s 2", "qvl verify -s 7 -f awq --json"))
 def verify(
     model_name: ModelName = None,
     model_engine: ModelEngine = None,
@@ -179,7 +211,7 @@ def verify(
                                "run `qvl download` with the same flags to fetch them again")
 
 
-@app.command(epilog="Examples: qvl cached | qvl cached --json")
+@app.command(epilog=examples("qvl cached", "qvl cached --json"))
 def cached(json_output: JsonOutput = False) -> None:
     """List the Qwen2-VL models in the Hugging Face and ModelScope caches."""
     from . import cache
@@ -203,8 +235,8 @@ def _cached_row(e) -> list[str]:
     return [label, _HUB_SHORT[e.hub], e.repo_id, revision, e.state, human_bytes(e.size_on_disk), str(e.path)]
 
 
-@app.command("remove-cache", epilog="Examples: qvl remove-cache -s 7 -f awq | qvl remove-cache --all-partial --yes "
-                                    "| qvl remove-cache -s 2 --dry-run")
+@app.command("remove-cache", epilog=examples("qvl remove-cache -s 7 -f awq", "qvl remove-cache --all-partial --yes",
+                                             "qvl remove-cache -s 2 --dry-run"))
 def remove_cache(
     model_name: ModelName = None,
     model_engine: ModelEngine = None,
@@ -260,6 +292,51 @@ def _confirm(question: str) -> bool:
         return typer.confirm(question, default=False, err=True)
     except typer.Abort:  # end of input
         return False
+
+
+@app.command(epilog=examples(
+    'qvl chat --image photo.jpg "What is in this picture?"',
+    'qvl chat -s 7 -f awq --video clip.mp4 --fps 1 "Summarise the clip"',
+    "qvl chat --model-path ./my-checkpoint          (interactive; /help inside)",
+    'echo "Describe it" | qvl chat --image x.png --json -'))
+def chat(
+    prompt: Annotated[Optional[str], typer.Argument(
+        metavar="PROMPT", help="The question; - reads it from stdin. Without it: an interactive chat.", show_default=False)] = None,
+    model_name: ModelName = None, model_engine: ModelEngine = None, size_in_billions: SizeInBillions = None,
+    model_format: ModelFormat = None, quantization: Quantization = None, download_hub: DownloadHub = None,
+    model_path: ModelPath = None, revision: Revision = None, offline: Offline = False,
+    image: Images = None, video: Videos = None, min_pixels: MinPixels = None, max_pixels: MaxPixels = None,
+    fps: Fps = None, max_frames: MaxFrames = None, video_start: VideoStart = None, video_end: VideoEnd = None,
+    system: Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="System prompt.",
+                                                  show_default=False)] = None,
+    max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None,
+    repetition_penalty: RepetitionPenalty = None, seed: Seed = None, stop: Stop = None,
+    device: Device = "auto", gpu_idx: GpuIdx = None, n_gpu: NGpu = None, max_memory: MaxMemory = None,
+    dtype: Dtype = "auto", attn: Attn = "auto", force: Force = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, usage, timings).")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speed on stderr.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Print each image's and video's size, frames "
+                                          "and visual tokens on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress or status on stderr.")] = False,
+) -> None:
+    """Ask about images and videos: one answer streamed to stdout, or an interactive chat."""
+    from . import chat_run, devices
+    from .engine import EngineOptions
+    from .generation import GenerationParams
+
+    request = chat_run.ChatRequest(
+        prompt=prompt, spec_flags=dict(model_name=model_name, model_engine=model_engine,
+                                       size_in_billions=size_in_billions, model_format=model_format,
+                                       quantization=quantization, hub=download_hub),
+        model_path=model_path, revision=revision, offline=offline, force=force,
+        images=tuple(image or ()), videos=tuple(video or ()),
+        media_flags=dict(min_pixels=min_pixels, max_pixels=max_pixels, fps=fps, max_frames=max_frames,
+                         video_start=video_start, video_end=video_end),
+        system=system, params=GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty,
+                                               seed, tuple(stop or ())),
+        engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn),
+        json_output=json_output, stats=stats, verbose=verbose, quiet=quiet)
+    raise typer.Exit(chat_run.run(request))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,6 +63,17 @@ class CatalogueError(QvlError):
     """A spec YAML file is invalid; the message names the file, the spec and the key."""
 
 
+class NoEstimate(CatalogueError):
+    """The catalogue lacks the figures to estimate a spec's memory (no `sizes:` entry)."""
+
+
+class DoesNotFit(QvlError):
+    """The memory estimate exceeds the free GPU memory (exit 1; `--force` goes ahead anyway).
+
+    Not a usage error: the same flags work on a machine with more free memory.
+    """
+
+
 class DownloadError(QvlError):
     """A model could not be fetched from a hub."""
 

@@ -6,7 +6,6 @@ Spec flags use Xinference's names so that `qvl launch -s 7 -f awq` reads like
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -14,42 +13,135 @@ import typer
 SPEC_PANEL = "Model spec"
 
 ModelName = Annotated[Optional[str], typer.Option(
-    "--model-name", "-n", help="Model family (default: qwen2-vl-instruct).",
+    "--model-name", "-n", metavar="NAME", help="Model family (default: qwen2-vl-instruct).",
     rich_help_panel=SPEC_PANEL, show_default=False)]
 ModelEngine = Annotated[Optional[str], typer.Option(
-    "--model-engine", "-en", help="Inference engine (default: transformers).",
+    "--model-engine", "-en", metavar="ENGINE", help="Inference engine (default: transformers).",
     rich_help_panel=SPEC_PANEL, show_default=False)]
 SizeInBillions = Annotated[Optional[str], typer.Option(
-    "--size-in-billions", "-s", help="Model size in billions: 2, 7, 72 (1.5 or 1_5 for fractions). "
+    "--size-in-billions", "-s", metavar="SIZE", help="Model size in billions: 2, 7, 72 (1.5 or 1_5 for fractions), "
+    "or auto: the largest size, then the least quantized format, that fits the GPUs. "
     "Default: the smallest size of the format.", rich_help_panel=SPEC_PANEL, show_default=False)]
 ModelFormat = Annotated[Optional[str], typer.Option(
-    "--model-format", "-f", help="pytorch, gptq or awq (default: pytorch).",
+    "--model-format", "-f", metavar="FORMAT", help="pytorch, gptq or awq (default: pytorch).",
     rich_help_panel=SPEC_PANEL, show_default=False)]
 Quantization = Annotated[Optional[str], typer.Option(
-    "--quantization", "-q", help="Int4, Int8 or none; needed only where a spec has several.",
+    "--quantization", "-q", metavar="QUANT", help="Int4, Int8 or none; needed only where a spec has several.",
     rich_help_panel=SPEC_PANEL, show_default=False)]
 DownloadHub = Annotated[Optional[str], typer.Option(
-    "--download-hub", help="huggingface, modelscope or auto (default: $QVL_DOWNLOAD_HUB, else auto: "
+    "--download-hub", metavar="HUB", help="huggingface, modelscope or auto (default: $QVL_DOWNLOAD_HUB, else auto: "
     "Hugging Face, falling back to ModelScope when it cannot be reached).",
     rich_help_panel=SPEC_PANEL, show_default=False)]
 
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]
 
+MEMORY_PANEL = "Memory"
+
+GpuIdx = Annotated[Optional[str], typer.Option(
+    "--gpu-idx", help="GPUs to use, e.g. 0 or 0,1, numbered as CUDA sees them after "
+    "CUDA_VISIBLE_DEVICES (default: all visible).", rich_help_panel=MEMORY_PANEL, show_default=False)]
+ContextLength = Annotated[Optional[int], typer.Option(
+    "--context-length", min=1, help="Tokens of KV cache to plan memory for (default: the model's "
+    "context length, 32768).", rich_help_panel=MEMORY_PANEL, show_default=False)]
+MaxPixels = Annotated[Optional[int], typer.Option(
+    "--max-pixels", metavar="N", help="Pixel budget of one image or video frame: larger ones "
+    "are scaled down to it (default 1280*28*28 = 1003520, about 1,280 visual tokens, for images; "
+    "768*28*28 and a 24,576-token budget over all frames for videos).", rich_help_panel="Images and videos",
+    show_default=False)]
+Force = Annotated[bool, typer.Option(
+    "--force", help="Go ahead even when the memory estimate says the model will not fit.",
+    rich_help_panel=MEMORY_PANEL)]
+Fit = Annotated[bool, typer.Option(
+    "--fit", help="Add the estimated memory of each spec and whether it fits the visible GPUs.")]
+
+# --- model location -------------------------------------------------------------------
+
+MODEL_PANEL = "Model location"
+
+ModelPath = Annotated[Optional[str], typer.Option(
+    "--model-path", metavar="DIR", help="Use this local checkpoint folder; download nothing.",
+    rich_help_panel=MODEL_PANEL, show_default=False)]
+Revision = Annotated[Optional[str], typer.Option(
+    "--revision", metavar="REV", help="Hub revision (branch, tag or commit) instead of the catalogue's.",
+    rich_help_panel=MODEL_PANEL, show_default=False)]
+Offline = Annotated[bool, typer.Option(
+    "--offline", help="Use the local cache only (like HF_HUB_OFFLINE=1).", rich_help_panel=MODEL_PANEL)]
+
+# --- engine -----------------------------------------------------------------------------
+
+ENGINE_PANEL = "Engine"
+
+Device = Annotated[str, typer.Option(
+    "--device", metavar="DEVICE", help="auto (CUDA when available), cuda or cpu.", rich_help_panel=ENGINE_PANEL)]
+NGpu = Annotated[Optional[int], typer.Option(
+    "--n-gpu", metavar="N", help="Spread the model over the first N GPUs (accelerate device_map).",
+    rich_help_panel=ENGINE_PANEL, show_default=False)]
+MaxMemory = Annotated[Optional[str], typer.Option(
+    "--max-memory", metavar="MEM", help="Memory per GPU for the weights: 20GiB, or 0=20GiB,1=30GiB.",
+    rich_help_panel=ENGINE_PANEL, show_default=False)]
+Dtype = Annotated[str, typer.Option(
+    "--dtype", metavar="DTYPE", help="auto (bfloat16 on GPUs that support it, else float16; float32 on CPU), "
+    "bfloat16, float16 or float32.", rich_help_panel=ENGINE_PANEL)]
+Attn = Annotated[str, typer.Option(
+    "--attn", metavar="IMPL", help="auto (flash_attention_2 when installed, else sdpa), sdpa, "
+    "flash_attention_2 or eager.", rich_help_panel=ENGINE_PANEL)]
+
+# --- media -------------------------------------------------------------------------------
+
+MEDIA_PANEL = "Images and videos"
+
+Images = Annotated[Optional[list[str]], typer.Option(
+    "--image", "-i", metavar="IMAGE", help="An image: path, file:// or http(s) URL, or data URI. Repeatable.",
+    rich_help_panel=MEDIA_PANEL, show_default=False)]
+Videos = Annotated[Optional[list[str]], typer.Option(
+    "--video", metavar="VIDEO", help="A video file (mp4, webm, mkv, mov, avi) or a folder of frame images. "
+    "Repeatable.", rich_help_panel=MEDIA_PANEL, show_default=False)]
+MinPixels = Annotated[Optional[int], typer.Option(
+    "--min-pixels", metavar="N", help="Smallest pixel count an image or video frame is scaled up "
+    "to (default 4*28*28 for images; 128*28*28 for frames).", rich_help_panel=MEDIA_PANEL, show_default=False)]
+Fps = Annotated[Optional[float], typer.Option(
+    "--fps", metavar="FPS", help="Frames per second sampled from a video (default 2).",
+    rich_help_panel=MEDIA_PANEL, show_default=False)]
+MaxFrames = Annotated[Optional[int], typer.Option(
+    "--max-frames", metavar="N", help="At most this many frames per video (default 768).",
+    rich_help_panel=MEDIA_PANEL, show_default=False)]
+VideoStart = Annotated[Optional[float], typer.Option(
+    "--video-start", metavar="SEC", help="Start of the video clip to use, in seconds.",
+    rich_help_panel=MEDIA_PANEL, show_default=False)]
+VideoEnd = Annotated[Optional[float], typer.Option(
+    "--video-end", metavar="SEC", help="End of the video clip to use, in seconds.",
+    rich_help_panel=MEDIA_PANEL, show_default=False)]
+
+# --- generation ----------------------------------------------------------------------------
+
+GEN_PANEL = "Generation (unset: the checkpoint's generation_config)"
+
+MaxTokens = Annotated[Optional[int], typer.Option(
+    "--max-tokens", metavar="N", help="Most tokens to generate (default 2048, and never past the context length).",
+    rich_help_panel=GEN_PANEL, show_default=False)]
+Temperature = Annotated[Optional[float], typer.Option(
+    "--temperature", metavar="T", help="Sampling temperature; 0 is greedy.", rich_help_panel=GEN_PANEL,
+    show_default=False)]
+TopP = Annotated[Optional[float], typer.Option(
+    "--top-p", metavar="P", help="Nucleus sampling probability mass.", rich_help_panel=GEN_PANEL, show_default=False)]
+TopK = Annotated[Optional[int], typer.Option(
+    "--top-k", metavar="K", help="Sample from the K most likely tokens; 0 turns it off.", rich_help_panel=GEN_PANEL,
+    show_default=False)]
+RepetitionPenalty = Annotated[Optional[float], typer.Option(
+    "--repetition-penalty", metavar="R", help="Penalty above 1 discourages repeats.", rich_help_panel=GEN_PANEL,
+    show_default=False)]
+Seed = Annotated[Optional[int], typer.Option(
+    "--seed", metavar="N", help="Random seed for sampling.", rich_help_panel=GEN_PANEL, show_default=False)]
+Stop = Annotated[Optional[list[str]], typer.Option(
+    "--stop", metavar="TEXT", help="Stop before this text. Repeatable.", rich_help_panel=GEN_PANEL,
+    show_default=False)]
+
 # --- downloads and the cache ----------------------------------------------------------
 
 HUB_PANEL = "Download"
 
-Revision = Annotated[Optional[str], typer.Option(
-    "--revision", help="Branch, tag or commit of the repo (default: the catalogue's: a pinned commit "
-    "on Hugging Face, master on ModelScope).", rich_help_panel=HUB_PANEL, show_default=False)]
-Offline = Annotated[bool, typer.Option(
-    "--offline", help="Use the local cache only, never the network (same as HF_HUB_OFFLINE=1).",
-    rich_help_panel=HUB_PANEL)]
 Quiet = Annotated[bool, typer.Option(
     "--quiet", help="No progress display or status lines (errors still go to stderr).",
     rich_help_panel=HUB_PANEL)]
-ModelPath = Annotated[Optional[Path], typer.Option(
-    "--model-path", help="Use this local model folder as it is; download nothing.",
-    rich_help_panel=HUB_PANEL, show_default=False)]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]

@@ -20,7 +20,8 @@ def stdout_console():
 def stderr_console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    # soft_wrap: an error stays one line however long, so it can be grepped and copied.
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
@@ -74,3 +75,30 @@ def key_values(pairs: list[tuple[str, str]], title: str | None = None) -> None:
     for key, value in pairs:
         tbl.add_row(escape(key), escape(str(value)))
     stdout_console().print(tbl)
+
+
+def fit_cells(row: dict[str, Any], shown: bool) -> list[str]:
+    """The `list-specs --fit` cells: '~18.6 GiB' and 'yes' / 'no' / '?'."""
+    if not shown:
+        return []
+    size = row.get("memory_bytes")
+    fits = {True: "yes", False: "no"}.get(row.get("fits"), "?")
+    return ["?" if size is None else f"~{size / (1 << 30):.1f} GiB", fits]
+
+
+class _NoSpinner:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def spinner(message: str, quiet: bool = False):
+    """A spinner on stderr while something slow runs (nothing when quiet or not a terminal)."""
+    console = stderr_console()
+    if quiet or not console.is_terminal:
+        if not quiet:
+            status(message + " ...")
+        return _NoSpinner()
+    return console.status(f"[dim]{escape(message)} ...[/dim]", spinner="dots")

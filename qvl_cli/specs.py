@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import dims as dims_mod
 from . import settings
+from .dims import ModelDims
 from .errors import CatalogueError, NoMatchingSpec, did_you_mean
 
 NO_QUANTIZATION = "none"
@@ -91,6 +93,11 @@ class Family:
     specs: tuple[SpecEntry, ...]
     source_file: str
     overrides: bool = False
+    sizes: tuple[tuple[str, ModelDims], ...] = ()  # (size, architecture figures) pairs
+
+    def dims(self, size: str) -> ModelDims | None:
+        """The architecture figures of one size, or None when the spec file gives none."""
+        return dict(self.sizes).get(size)
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,10 @@ class ResolvedSpec:
     @property
     def model_name(self) -> str:
         return self.family.name
+
+    @property
+    def dims(self) -> ModelDims | None:
+        return self.family.dims(self.size_in_billions)
 
     @property
     def source(self) -> HubSource:
@@ -183,7 +194,7 @@ _SPEC_KEYS = {
 }
 _SPEC_REQUIRED = {"model_format", "size_in_billions", "quantizations", "hubs"}
 _HUB_KEYS = {"model_id": str, "revision": str}
-_TOP_KEYS = {"family": dict, "specs": list}
+_TOP_KEYS = {"family": dict, "specs": list, "sizes": dict}
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping", bool: "true or false"}
 
@@ -192,7 +203,9 @@ def _yaml_loader() -> type:
     """A SafeLoader whose integers have no underscores, so ``1_5`` stays the string '1_5'."""
     import yaml
 
-    class Loader(yaml.SafeLoader):
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present
+
+    class Loader(base):  # type: ignore[misc,valid-type]
         pass
 
     Loader.yaml_implicit_resolvers = {
@@ -241,10 +254,18 @@ def _str_list(value: list, where: str, w: _Where, kind: type = str) -> tuple:
     return tuple(value)
 
 
+def _spec_label(raw: dict, index: int) -> str:
+    """'spec 3 (awq 7B)' when format and size are readable, else 'spec 3'."""
+    try:
+        return f"spec {index} ({raw['model_format'].strip()} {size_display(parse_size(raw['size_in_billions']))}B)"
+    except (KeyError, ValueError, AttributeError):
+        return f"spec {index}"
+
+
 def _parse_spec(raw: object, index: int, w: _Where) -> SpecEntry:
-    where = f"spec {index}"
     if not isinstance(raw, dict):
-        raise w.fail(where, "must be a mapping")
+        raise w.fail(f"spec {index}", "must be a mapping")
+    where = _spec_label(raw, index)
     _check_keys(raw, _SPEC_KEYS, _SPEC_REQUIRED, where, w)
     try:
         size = parse_size(raw["size_in_billions"])
@@ -252,7 +273,6 @@ def _parse_spec(raw: object, index: int, w: _Where) -> SpecEntry:
         raise w.fail(f"{where}: size_in_billions",
                      f"must be a positive number, not {raw['size_in_billions']!r}") from None
     fmt = raw["model_format"].strip()
-    where = f"spec {index} ({fmt} {size_display(size)}B)"
     quants = _str_list(raw["quantizations"], f"{where}: quantizations", w)
     if not quants:
         raise w.fail(f"{where}: quantizations", "must list at least one quantization")
@@ -294,7 +314,7 @@ def _parse_family(data: object, path: Path) -> Family:
     w = _Where(path)
     if not isinstance(data, dict):
         raise w.fail("top level", "must be a mapping with 'family' and 'specs'")
-    _check_keys(data, _TOP_KEYS, set(_TOP_KEYS), "top level", w)
+    _check_keys(data, _TOP_KEYS, {"family", "specs"}, "top level", w)
     fam = data["family"]
     _check_keys(fam, _FAMILY_KEYS, _FAMILY_REQUIRED, "family", w)
     if fam["context_length"] <= 0:
@@ -314,6 +334,7 @@ def _parse_family(data: object, path: Path) -> Family:
                              f"duplicates spec {seen[key]}: both give {spec.model_format} "
                              f"{size_display(spec.size_in_billions)}B {quant}")
             seen[key] = i
+    sizes = _parse_sizes(data.get("sizes"), specs, w)
     return Family(
         name=fam["name"], description=fam.get("description", ""),
         context_length=fam["context_length"],
@@ -323,7 +344,38 @@ def _parse_family(data: object, path: Path) -> Family:
         stop_token_ids=_str_list(fam.get("stop_token_ids", []), "family: stop_token_ids", w, int),
         stop=_str_list(fam.get("stop", []), "family: stop", w),
         specs=specs, source_file=str(path), overrides=fam.get("overrides", False),
+        sizes=sizes,
     )
+
+
+def _parse_sizes(raw: dict | None, specs: tuple[SpecEntry, ...], w: _Where
+                 ) -> tuple[tuple[str, ModelDims], ...]:
+    """Validate the optional `sizes:` mapping (size -> architecture figures) against the specs."""
+    if raw is None:
+        return ()
+    out: dict[str, ModelDims] = {}
+    for key, value in raw.items():
+        try:
+            size = parse_size(key)
+        except ValueError:
+            raise w.fail(f"sizes: {key}", "must be a size in billions, like 7 or 1_5") from None
+        out[size] = dims_mod.parse(value, f"sizes: {key}", w.fail)
+    sizes = _unique(s.size_in_billions for s in specs)
+    for size in out:
+        if size not in sizes:
+            raise w.fail(f"sizes: {size_display(size)}", "no spec has this size; sizes are "
+                         + ", ".join(size_display(s) for s in sizes))
+    for i, spec in enumerate(specs, start=1):
+        where = f"spec {i} ({spec.model_format} {size_display(spec.size_in_billions)}B)"
+        arch = out.get(spec.size_in_billions)
+        if arch is None:
+            raise w.fail(f"sizes: {size_display(spec.size_in_billions)}",
+                         f"missing: {where} has this size")
+        if spec.parameters is not None and spec.parameters != arch.total_parameters:
+            raise w.fail(f"{where}: parameters",
+                         f"{spec.parameters:,} does not match the {arch.total_parameters:,} that "
+                         f"sizes: {size_display(spec.size_in_billions)} gives")
+    return tuple(out.items())
 
 
 def load_file(path: Path) -> Family:

@@ -20,7 +20,10 @@ _CLEARED = ("HF_ENDPOINT", "MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN", "HF_TOKEN
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory, monkeypatch):
     """Point every directory qvl and the hub clients use into a fresh temporary folder."""
-    root = tmp_path_factory.mktemp("home")
+    return _point_home_at(monkeypatch, tmp_path_factory.mktemp("home"))
+
+
+def _point_home_at(monkeypatch, root: Path) -> Path:
     for name in _CLEARED:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(root))
@@ -56,3 +59,35 @@ def run_qvl(*args: str, env: dict[str, str] | None = None, input: str | None = N
 def qvl():
     """`qvl("resolve", "-s", "7")` runs qvl in a subprocess."""
     return run_qvl
+
+
+def _load_make_tiny_model():
+    """scripts/make_tiny_model.py imported by path (scripts/ is not a package)."""
+    import importlib.util
+
+    path = REPO / "scripts" / "make_tiny_model.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_tiny_model(tmp_path_factory, name: str, **options) -> Path:
+    # Session fixtures run before the autouse isolated_env; the build imports transformers and
+    # huggingface_hub (which read HF_HOME etc. at import), so it gets a temporary home too.
+    root = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _point_home_at(monkeypatch, root / "home")
+        return _load_make_tiny_model().make_tiny_model(root / "model", **options)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL-Instruct checkpoint (single model.safetensors), built once."""
+    return _build_tiny_model(tmp_path_factory, "tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_sharded(tmp_path_factory) -> Path:
+    """The same checkpoint (same seed, same weights) in 2 shards with model.safetensors.index.json."""
+    return _build_tiny_model(tmp_path_factory, "tiny-qwen2-vl-sharded", shards=2)

@@ -64,6 +64,32 @@ def test_offline_download_of_a_missing_model_is_one_error(server, qvl):
     assert server.requests == []
 
 
+def test_acceptance_with_the_tiny_checkpoint(tiny_model, monkeypatch, qvl):
+    import subprocess
+
+    from conftest import qvl_env
+    from hubserver import HubServer
+
+    hub_server = HubServer().start()
+    try:
+        hub_server.add_repo(tiny_model, hf_id=HF_ID, ms_id=MS_ID, hf_commit=PIN)
+        monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub_server.url)
+        assert qvl("download", "-s", "2").returncode == 0
+        assert qvl("download", "-s", "2", "--download-hub", "modelscope").returncode == 0
+    finally:
+        hub_server.stop()
+    entries = cached(qvl)
+    assert [(e["hub"], e["repo_id"], e["state"]) for e in entries] == \
+        [("huggingface", HF_ID, "complete"), ("modelscope", MS_ID, "complete")]
+    # transformers finds qvl's download in the Hugging Face cache by repo id, offline
+    code = ("from transformers import AutoConfig; "
+            f"print(AutoConfig.from_pretrained({HF_ID!r}, revision={PIN!r}).model_type)")
+    loaded = subprocess.run([sys.executable, "-c", code], env=qvl_env({"HF_HUB_OFFLINE": "1"}),
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.stdout.strip() == "qwen2_vl", loaded.stderr[-2000:]
+
+
 # --- cached / remove-cache ----------------------------------------------------------------
 
 

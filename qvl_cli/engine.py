@@ -1,0 +1,285 @@
+"""The transformers engine: the only module that imports torch and transformers.
+
+``Engine.load`` loads Qwen2VLForConditionalGeneration and its processor; ``Engine.stream``
+turns a conversation into :class:`~qvl_cli.generation.Chunk` records, generating on a
+worker thread that always ends its stream (errors are re-raised in the caller, and a
+consumer that stops reading cancels the generation).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import devices
+from .errors import EngineError, PromptTooLong, translate
+from .generation import (DEFAULT_MAX_TOKENS, Chunk, GenerationParams, IncrementalDecoder,
+                         StopText, Timings, Usage)
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "auto"  # auto | cuda | cpu
+    gpu_idx: tuple[int, ...] | None = None
+    n_gpu: int | None = None
+    max_memory: str | None = None  # "20GiB" for every GPU, or "0=20GiB,1=30GiB"
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    attn: str = "auto"  # auto | sdpa | flash_attention_2 | eager
+    model_format: str = "pytorch"
+
+
+@dataclass
+class Prepared:
+    """Model inputs for one conversation, with what the user may want to see about them."""
+
+    inputs: Any
+    prompt_tokens: int
+    media: list[Any] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, model: Any, processor: Any, plan: devices.Plan, path: Path,
+                 context_length: int, load_seconds: float) -> None:
+        self.model = model
+        self.processor = processor
+        self.plan = plan
+        self.path = path
+        self.context_length = context_length
+        self.load_seconds = load_seconds
+        self.lock = threading.Lock()  # one generation at a time on one model
+        tokenizer = processor.tokenizer
+        gen = model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+
+    # --- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, options: EngineOptions = EngineOptions(),
+             context_length: int | None = None) -> Engine:
+        path = Path(path)
+        start = time.perf_counter()
+        _quiet_libraries()
+        import torch
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        plan = devices.plan(torch, options)
+        try:
+            model = Qwen2VLForConditionalGeneration.from_pretrained(
+                path, dtype=plan.dtype, attn_implementation=plan.attn, **plan.load_kwargs)
+            if plan.device_map is None:
+                model.to(plan.device)
+            model.eval()
+            processor = AutoProcessor.from_pretrained(path)
+        except (OSError, ValueError, KeyError, RuntimeError, ImportError, NameError) as exc:
+            raise translate(exc) or EngineError(
+                f"cannot load the model from {path}: {type(exc).__name__}: {_first_line(exc)}",
+                "check that the folder holds a complete Qwen2-VL checkpoint (`qvl verify`)") from exc
+        context = context_length or getattr(model.config.get_text_config(), "max_position_embeddings", 32768)
+        return cls(model, processor, plan, path, context, time.perf_counter() - start)
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def prepare(self, messages: list[dict[str, Any]]) -> Prepared:
+        """Render the chat template, load and size the media, tokenize: the model inputs."""
+        from . import media
+
+        start = time.perf_counter()
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images, videos, video_kwargs, infos = media.prepare_vision(messages)
+        inputs = self.processor(text=[text], images=images, videos=videos, padding=True,
+                                return_tensors="pt", **video_kwargs)
+        prompt_tokens = int(inputs["input_ids"].shape[-1])
+        if prompt_tokens >= self.context_length:
+            raise PromptTooLong(
+                f"the prompt is {prompt_tokens} tokens long; the model's context length is {self.context_length}",
+                "shorten the conversation (/clear), or lower --max-pixels / --fps / --max-frames")
+        return Prepared(inputs, prompt_tokens, infos, time.perf_counter() - start)
+
+    # --- generation -----------------------------------------------------------------------
+
+    def generate_kwargs(self, params: GenerationParams, prompt_tokens: int) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate`` from the params over the checkpoint defaults."""
+        budget = self.context_length - prompt_tokens
+        max_new = min(params.max_tokens or DEFAULT_MAX_TOKENS, budget)
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": self.pad_id,
+                                  "eos_token_id": sorted(self.eos_ids)}
+        if params.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            if params.temperature is not None:
+                kwargs.update(do_sample=True, temperature=params.temperature)
+            if params.top_p is not None:
+                kwargs["top_p"] = params.top_p
+            if params.top_k is not None:
+                kwargs["top_k"] = params.top_k
+        if params.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = params.repetition_penalty
+        if params.ignore_eos:
+            kwargs["min_new_tokens"] = max_new
+        return kwargs
+
+    def stream(self, messages: list[dict[str, Any]], params: GenerationParams = GenerationParams(),
+               prepared: Prepared | None = None, cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """Yield text deltas, then a final chunk with finish reason, usage and timings.
+
+        Closing the iterator early (break, Ctrl-C, a client that went away) or setting
+        ``cancel`` stops the generation; the worker thread is always joined.
+        """
+        params = params.validated()
+        start = time.perf_counter() - (prepared.seconds if prepared else 0.0)
+        prepared = prepared or self.prepare(messages)
+        kwargs = self.generate_kwargs(params, prepared.prompt_tokens)
+        with self.lock:
+            yield from self._run(prepared, params, kwargs, start, cancel or threading.Event())
+
+    def _run(self, prepared: Prepared, params: GenerationParams, kwargs: dict[str, Any],
+             start: float, cancel: threading.Event) -> Iterator[Chunk]:
+        tokens: queue.Queue = queue.Queue()
+        streamer = _QueueStreamer(tokens)
+        inputs = prepared.inputs.to(self.plan.input_device)
+        worker = threading.Thread(target=self._generate_worker, name="qvl-generate", daemon=True,
+                                  args=(inputs, dict(kwargs, streamer=streamer,
+                                                     stopping_criteria=_cancel_criteria(cancel)),
+                                        params.seed, streamer, tokens))
+        decoder = IncrementalDecoder(self._decode)
+        stops = StopText(params.stop)
+        count, first_at, finish = 0, None, None
+        worker.start()
+        try:
+            while True:
+                item = tokens.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise translate(item) or EngineError(
+                        f"generation failed: {type(item).__name__}: {_first_line(item)}",
+                        "rerun with QVL_DEBUG=1 for details") from item
+                count += len(item)
+                first_at = first_at or time.perf_counter()
+                if any(t in self.eos_ids for t in item):
+                    finish = "stop"
+                text = stops.feed(decoder.push([t for t in item if t not in self.eos_ids]))
+                if text:
+                    yield Chunk(text=text)
+                if stops.stopped:
+                    finish = "stop"
+                    cancel.set()
+            tail = stops.feed(decoder.flush()) + stops.flush()
+            if tail:
+                yield Chunk(text=tail)
+            if finish is None:
+                finish = "cancelled" if cancel.is_set() else "length"
+            end = time.perf_counter()
+            first_at = first_at or end
+            decode_s = end - first_at
+            tps = (count - 1) / decode_s if count > 1 and decode_s > 0 else 0.0
+            yield Chunk(finish_reason=finish, usage=Usage(prepared.prompt_tokens, count),
+                        timings=Timings(first_at - start, end - start, tps))
+        finally:
+            cancel.set()
+            worker.join()
+
+    def sampling_note(self, params: GenerationParams) -> str | None:
+        """A warning when --temperature cannot change anything: Qwen2-VL's generation_config
+        keeps top_k 1 and top_p 0.001 (near greedy) unless --top-k / --top-p override them."""
+        if not params.temperature:
+            return None
+        gen = self.model.generation_config
+        top_k = params.top_k if params.top_k is not None else (gen.top_k or 0)
+        top_p = params.top_p if params.top_p is not None else (gen.top_p or 1.0)
+        if top_k == 1 or top_p < 0.01:
+            return (f"--temperature {params.temperature} has little effect while top_k is {top_k} and top_p "
+                    f"{top_p} (the checkpoint's generation_config); add --top-k 0 --top-p 0.9 for varied answers")
+        return None
+
+    def _generate_worker(self, inputs, kwargs, seed, streamer, tokens) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                if seed is not None:
+                    torch.manual_seed(seed)
+                self.model.generate(**inputs, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+            tokens.put(exc)
+        finally:
+            streamer.end()
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True,
+                                               clean_up_tokenization_spaces=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "device": self.plan.describe(), "dtype": self.plan.dtype_name,
+                "attn": self.plan.attn, "context_length": self.context_length,
+                "load_seconds": round(self.load_seconds, 2)}
+
+
+class _QueueStreamer:
+    """A transformers streamer that forwards generated token ids to a queue.
+
+    generate() first puts the prompt, which is skipped; ``end`` is idempotent so the
+    worker can always call it, even after generate() raised.
+    """
+
+    def __init__(self, tokens: queue.Queue) -> None:
+        self.tokens = tokens
+        self.prompt_seen = False
+        self.ended = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.tokens.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.tokens.put(_END)
+
+
+def _cancel_criteria(cancel: threading.Event):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
+                              device=input_ids.device)
+
+    return StoppingCriteriaList([Cancelled()])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' warnings and progress bars off the user's terminal unless debugging."""
+    from . import settings
+
+    if settings.debug():
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass

@@ -1,0 +1,168 @@
+"""The command line: output, exit codes, error rendering, start-up imports, generated docs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from qvl_cli import __version__
+from qvl_cli.cli import app, main
+
+from conftest import REPO, qvl_env, run_qvl
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"qvl {__version__}"
+
+
+def test_help_lists_every_command_with_a_summary():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "list-specs" in result.stdout and "resolve" in result.stdout
+    assert "Examples" in result.stdout
+
+
+def test_list_specs_table_and_json():
+    table = runner.invoke(app, ["list-specs"])
+    assert table.exit_code == 0
+    assert "Qwen/Qwen2-VL-72B-Instruct-GPTQ-Int8" in table.stdout
+    assert "qwen/Qwen2-VL-7B-Instruct-AWQ" in table.stdout
+    data = json.loads(runner.invoke(app, ["list-specs", "--json"]).stdout)
+    assert len(data) == 12
+    assert {d["model_format"] for d in data} == {"pytorch", "gptq", "awq"}
+    assert all(d["engines"] == ["transformers"] for d in data)
+
+
+def test_list_specs_filters():
+    data = json.loads(runner.invoke(app, ["list-specs", "-s", "72", "-f", "gptq", "--json"]).stdout)
+    assert [(d["size_in_billions"], d["quantization"]) for d in data] == [("72", "Int4"), ("72", "Int8")]
+
+
+def test_resolve_acceptance_7b_awq_json():
+    result = runner.invoke(app, ["resolve", "-s", "7", "-f", "awq", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model_id"] == "Qwen/Qwen2-VL-7B-Instruct-AWQ"
+    assert data["quantization"] == "Int4"
+    assert "quantization" in data["defaulted"]
+    ms = json.loads(runner.invoke(app, ["resolve", "-s", "7", "-f", "awq", "--json",
+                                        "--download-hub", "modelscope"]).stdout)
+    assert ms["model_id"] == "qwen/Qwen2-VL-7B-Instruct-AWQ" and ms["hub"] == "modelscope"
+
+
+def test_resolve_long_flag_names_and_table():
+    result = runner.invoke(app, ["resolve", "--model-name", "qwen2-vl-instruct", "--model-engine",
+                                 "transformers", "--size-in-billions", "72", "--model-format", "gptq",
+                                 "--quantization", "Int8"])
+    assert result.exit_code == 0, result.output
+    assert "Qwen/Qwen2-VL-72B-Instruct-GPTQ-Int8" in result.stdout
+    assert "(default)" in result.stdout  # the hub was defaulted
+
+
+def test_download_hub_from_environment(monkeypatch):
+    monkeypatch.setenv("QVL_DOWNLOAD_HUB", "modelscope")
+    data = json.loads(runner.invoke(app, ["resolve", "-s", "2", "--json"]).stdout)
+    assert data["model_id"] == "qwen/Qwen2-VL-2B-Instruct"
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def test_ambiguous_spec_is_one_line_with_hint_and_exit_2(capsys):
+    code, out, err = run_main(["resolve", "-s", "72", "-f", "gptq"], capsys)
+    assert code == 2
+    assert out == ""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[0].startswith("error:") and "Int4" in lines[0] and "Int8" in lines[0]
+    assert lines[1].startswith("hint:") and len(lines) == 2
+    assert "Traceback" not in err
+
+
+def test_typo_suggests_close_match(capsys):
+    code, _, err = run_main(["resolve", "-f", "awk"], capsys)
+    assert code == 2 and "did you mean awq?" in err
+
+
+def test_unknown_flag_is_usage_error_exit_2(capsys):
+    code, _, err = run_main(["resolve", "--bogus"], capsys)
+    assert code == 2 and "No such option" in err
+
+
+def test_invalid_user_yaml_exits_1_naming_the_file(tmp_path, monkeypatch, capsys):
+    specs_dir = tmp_path / "qvl" / "specs"
+    specs_dir.mkdir(parents=True)
+    (specs_dir / "mine.yaml").write_text("family: {name: x}\nspecs: []\nextra: 1\n")
+    monkeypatch.setenv("QVL_HOME", str(tmp_path / "qvl"))
+    code, out, err = run_main(["list-specs"], capsys)
+    assert code == 1 and out == ""
+    assert "mine.yaml" in err and "extra" in err and "Traceback" not in err
+
+
+def test_unexpected_error_is_one_line_unless_debug(monkeypatch, capsys):
+    import qvl_cli.specs as specs_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(specs_mod, "load_catalogue", boom)
+    code, _, err = run_main(["list-specs"], capsys)
+    assert code == 1 and "unexpected error: RuntimeError: kaput" in err and "QVL_DEBUG=1" in err
+    monkeypatch.setenv("QVL_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="kaput"):
+        main(["list-specs"])
+
+
+def test_real_process_exit_codes_and_streams():
+    ok = run_qvl("resolve", "-s", "7", "-f", "awq", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["quantization"] == "Int4"
+    bad = run_qvl("resolve", "-s", "72", "-f", "gptq")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "Int4" in bad.stderr and "Int8" in bad.stderr and "Traceback" not in bad.stderr
+
+
+HEAVY = ["torch", "torchvision", "transformers", "modelscope", "modelscope_hub", "PIL",
+         "huggingface_hub", "av", "decord", "qwen_vl_utils", "fastapi", "uvicorn", "numpy"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["list-specs"], ["list-specs", "--json"],
+                                  ["resolve", "-s", "7", "-f", "awq"], ["resolve", "--json"]])
+def test_start_up_imports_nothing_heavy(argv):
+    code = textwrap.dedent(f"""
+        import json, sys
+        from qvl_cli.cli import main
+        try:
+            main({argv!r})
+        except SystemExit as exc:
+            assert exc.code in (0, None), exc.code
+        heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+        print(json.dumps(heavy), file=sys.stderr)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=qvl_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stderr.strip().splitlines()[-1]) == []
+
+
+def test_cli_reference_is_current():
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_cli_docs.py"), "--check"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "qvl_cli", "--version"], env=qvl_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == f"qvl {__version__}"

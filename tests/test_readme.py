@@ -1,0 +1,25 @@
+"""The README's test command is the one .ci/run runs, and its commands exist."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import REPO
+
+
+def fenced_commands(text: str) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [line.split("#")[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = fenced_commands((REPO / "README.md").read_text())
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    test_command = next(c for c in readme if c.endswith("&& pytest"))
+    assert test_command in ci_lines
+
+
+def test_readme_install_command_runs_the_main_job():
+    readme = fenced_commands((REPO / "README.md").read_text())
+    assert readme[0].startswith("pip install") and " && qvl chat " in readme[0]
