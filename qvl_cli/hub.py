@@ -294,7 +294,12 @@ def _obtain(client, listing: Listing, snapshot: Path, file: RemoteFile, have: bo
     for attempt in (1, 2):
         if not have:
             _retry(lambda: client.fetch(listing, file, bar), client, source, file.path, say)
-        problem, sha256 = layout.check_file(snapshot / file.path, file)
+        if not have and client.verifies_sha256 and file.sha256:
+            # the client hashed it against the listing while fetching: do not read it twice
+            size = layout.file_size(snapshot / file.path)
+            problem, sha256 = (None if size == file.size else f"size {size} instead of {file.size}"), file.sha256
+        else:
+            problem, sha256 = layout.check_file(snapshot / file.path, file)
         if problem is None:
             return str(sha256)
         client.discard(listing, file)

@@ -93,6 +93,7 @@ class HubClient:
     hub = ""
     label = ""
     token_hint = ""
+    verifies_sha256 = False  # the client itself checks a fetched file against the listed sha256
     logger_names: tuple[str, ...] = ()
 
     def __init__(self) -> None:
@@ -273,6 +274,7 @@ class HuggingFace(HubClient):
 class ModelScope(HubClient):
     hub = MS
     label = "ModelScope"
+    verifies_sha256 = True  # download_file(expected_sha256=...) hashes, retries, then raises
     token_hint = "run `modelscope login --token TOKEN` or set MODELSCOPE_API_TOKEN"
     logger_names = ("modelscope_hub",)
 
