@@ -256,6 +256,8 @@ def plan_removal(entries: list[CachedModel], all_entries: list[CachedModel] | No
         items.append(_hf_removal(entry, staying) if entry.hub == HF else _ms_removal(entry))
         if not staying:
             folders.append(_repo_folder(entry))
+            if entry.hub == HF:  # huggingface_hub's per-repo lock files
+                folders.append(settings.hf_hub_cache() / ".locks" / layout.hf_repo_dir(entry.repo_id).name)
     manifests = []
     for entry in entries:
         if entry.snapshot_name:
@@ -277,11 +279,16 @@ def _hf_removal(entry: CachedModel, staying: list[CachedModel]) -> Removal:
     shared = set().union(*(_hf_blobs(e.path) for e in staying if e.snapshot_name)) if staying else set()
     gone = sorted(mine - shared) + list(entry.partial_files)
     delete = ([entry.path] if entry.snapshot_name else []) + gone
-    refs = layout.hf_repo_dir(entry.repo_id) / "refs"
-    if entry.commit and refs.is_dir():
-        delete += [r for r in refs.rglob("*") if r.is_file() and r.read_text().strip() == entry.commit]
+    repo_dir = layout.hf_repo_dir(entry.repo_id)
+    if entry.commit and (repo_dir / "refs").is_dir():
+        delete += [r for r in (repo_dir / "refs").rglob("*") if r.is_file() and r.read_text().strip() == entry.commit]
+    tree = repo_dir / "trees" / f"{entry.commit}.json"  # the listing huggingface_hub cached
+    if entry.commit and tree.exists():
+        delete.append(tree)
     freed = sum(layout.file_size(p) or 0 for p in gone)
-    kept = tuple(sorted(p.name for p in mine & shared))
+    files = [p for p in entry.path.rglob("*") if p.is_file()] if entry.snapshot_name else []
+    kept = tuple(sorted(p.relative_to(entry.path).as_posix() for p in files
+                        if Path(os.path.realpath(p)) in shared))
     return Removal(entry, tuple(delete), freed, kept)
 
 
