@@ -71,7 +71,14 @@ class _Say:
 
 def ensure_local(spec: ResolvedSpec, hub: str | None = None, revision: str | None = None,
                  offline: bool | None = None, quiet: bool = False) -> LocalModel:
-    """The local folder of ``spec``, downloading what is missing unless offline."""
+    """The local folder of ``spec``, downloading what is missing unless offline.
+
+    ``hub`` narrows the spec's sources to one hub (None: the spec's own choice, which for
+    ``auto`` is Hugging Face then ModelScope); ``revision`` replaces the catalogue's;
+    ``offline`` None means ``HF_HUB_OFFLINE``; ``quiet`` drops progress and status lines.
+    Raises a QvlError subclass (NotCached, HubUnreachable, RepoNotFound, GatedRepo,
+    ChecksumMismatch, NotEnoughDisk, DownloadError) with a one-line message and a hint.
+    """
     say = _Say(quiet)
     offline = settings.hf_offline() if offline is None else offline
     sources = _sources(spec, hub, revision)
