@@ -135,3 +135,13 @@ Seed = Annotated[Optional[int], typer.Option(
 Stop = Annotated[Optional[list[str]], typer.Option(
     "--stop", metavar="TEXT", help="Stop before this text. Repeatable.", rich_help_panel=GEN_PANEL,
     show_default=False)]
+
+# --- downloads and the cache ----------------------------------------------------------
+
+HUB_PANEL = "Download"
+
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", help="No progress display or status lines (errors still go to stderr).",
+    rich_help_panel=HUB_PANEL)]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
