@@ -239,8 +239,17 @@ def _probe(handle: Any, label: str, head: bytes, policy: MediaPolicy) -> tuple[i
     return width, height, fmt
 
 
+_IMAGE_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+                (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
 def _sniff(head: bytes) -> str:
-    """A hint of what a file that is not an image is."""
+    """A hint of what a file that PIL cannot open is."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return " (a WebP header, but the data is truncated or corrupt)"
+    for magic, name in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return f" (a {name} header, but the data is truncated or corrupt)"
     if head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:11] == b"AVI"):
         return " (it looks like a video; pass it as a video)"
     try:
