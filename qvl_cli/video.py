@@ -54,17 +54,24 @@ def _ffmpeg_errors() -> tuple[type[BaseException], ...]:
     return (av.error.FFmpegError, OSError, ValueError, EOFError)
 
 
+def _reason(exc: BaseException) -> str:
+    """FFmpeg's reason without the errno and file name PyAV wraps it in."""
+    return one_line(getattr(exc, "strerror", None) or exc, 100)
+
+
 def _open(path: Path):
     import av
 
     try:
         container = av.open(str(path), metadata_errors="ignore")
+    except EOFError:
+        raise MediaError(f"{path} has no frames (an empty video)", "pass a video with frames") from None
     except _ffmpeg_errors() as exc:
-        raise MediaError(f"{path} is not a readable video: {one_line(exc, 120)}",
+        raise MediaError(f"{path} is not a readable video ({_reason(exc)})",
                          "pass an mp4, webm, mkv, mov or avi file") from None
     if not container.streams.video:
         container.close()
-        raise MediaError(f"{path} has no video stream", "pass a file that contains video")
+        raise MediaError(f"{path} has no video stream (or no frames)", "pass a file that contains video")
     if container.format.name in IMAGE_FORMATS:
         container.close()
         raise MediaError(f"{path} is an image, not a video",
@@ -283,11 +290,14 @@ class VideoFile:
         try:
             try:
                 frames = self._decode(indices)
-            except _TimelineMismatch:
+            except _TimelineMismatch:  # reopen: the packet pass must start at the beginning
+                self.container.close()
+                self.container = _open(self.path)
+                self.stream = self.container.streams.video[0]
                 self.timeline = _scanned_timeline(self.container, self.stream, self.total, self.fps)
                 frames = self._decode(indices)
         except _ffmpeg_errors() as exc:
-            raise MediaError(f"{self.path} could not be decoded: {one_line(exc, 120)}",
+            raise MediaError(f"{self.path} could not be decoded, truncated or corrupt? ({_reason(exc)})",
                              "check that the file plays, or re-encode it") from None
         return torch.from_numpy(np.stack([frames[i] for i in indices])).permute(0, 3, 1, 2)
 
