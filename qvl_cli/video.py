@@ -133,21 +133,25 @@ class _Timeline:
         return self.start + round(index * self.step)
 
 
+_KEYFRAME, _DISCARD = 1, 2  # AVINDEX_* flags of an index entry
+
+
 def _fast_timeline(stream, total: int, fps: float) -> _Timeline | None:
     """A constant-rate timeline read from the container's index, or None when unsure."""
     entries = getattr(stream, "index_entries", None)
     if entries is None or total <= 1 or len(entries) != total or fps <= 0:
         return None
-    stamps = [e.timestamp for e in entries]
-    if any(e.is_discard for e in entries):
+    pairs = [(e.timestamp, e.flags) for e in entries]  # one pass: each access builds an object
+    if any(flags & _DISCARD for _, flags in pairs):
         return None
+    stamps = [stamp for stamp, _ in pairs]
     delta = stamps[1] - stamps[0]
-    if delta <= 0 or any(b - a != delta for a, b in zip(stamps, stamps[1:])):
+    if delta <= 0 or stamps != list(range(stamps[0], stamps[0] + delta * total, delta)):
         return None
     if abs(delta * float(stream.time_base) * fps - 1.0) > 1e-3:
         return None
     start = stream.start_time if stream.start_time is not None else stamps[0]
-    keys = tuple(e.timestamp for e in entries if e.is_keyframe)
+    keys = tuple(stamp for stamp, flags in pairs if flags & _KEYFRAME)
     return _Timeline(total=total, fps=fps, keyframes=keys, start=start, step=float(delta))
 
 
@@ -269,7 +273,10 @@ class VideoFile:
         self.container.close()
 
     def _decode(self, indices: list[int]) -> dict[int, Any]:
+        from av.video.reformatter import VideoReformatter
+
         seeker = _Seeker(self.container, self.stream, self.timeline)
+        to_rgb = VideoReformatter()  # one converter for all frames: its context is reused
         frames: dict[int, Any] = {}
         for index in sorted(set(indices)):
             frame = seeker.frame_at(self.timeline.pts(index))
@@ -277,7 +284,7 @@ class VideoFile:
                 raise MediaError(f"{self.path}: frame {index} of {self.total} could not be decoded "
                                  "(truncated or corrupt video)",
                                  "re-encode the file, or pick an earlier range with --video-end")
-            frames[index] = frame.to_ndarray(format="rgb24")
+            frames[index] = to_rgb.reformat(frame, format="rgb24").to_ndarray()
         return frames
 
     def read(self, indices: list[int]) -> Any:
