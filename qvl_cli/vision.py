@@ -276,3 +276,29 @@ def image_plan(source: ImageSource, defaults: VisionDefaults | None = None,
     height, width = sizing.image_size(source.width, source.height, opts)
     return VisionInfo("image", source.source, source.width, source.height, width, height,
                       sizing.visual_tokens(height, width))
+
+
+def video_plan(source: VideoSource, defaults: VisionDefaults | None = None,
+               item: Mapping[str, Any] | None = None) -> VisionInfo:
+    """Frames, size and tokens a video will have, from its metadata alone (no decoding).
+
+    Exact for files whose container records the frame count (mp4, mov, avi) and for frame
+    lists; for Matroska/WebM the count is estimated from the duration.
+    """
+    item = item or {}
+    opts = _item_opts(item, (defaults or VisionDefaults()).video_opts(item), SIZING_KEYS + VIDEO_KEYS)
+    if source.kind == "frames":
+        count = sizing.padded_frames(len(source.frames))
+        frame_opts = {k: v for k, v in opts.items() if k in SIZING_KEYS}
+        height, width = sizing.image_size(source.width, source.height, frame_opts, patch_size=sizing.FACTOR)
+        total, fps, sample_fps = None, None, float(opts.get("sample_fps", FRAME_LIST_FPS))
+    else:
+        fps = source.fps or 0.0
+        total = source.total_frames or int(fps * (source.duration or 0))
+        first, last, total = sizing.frame_range(total, fps, opts.get("video_start"), opts.get("video_end"))
+        count = sizing.sample_count(total, fps, opts)
+        height, width, sample_fps = source.height, source.width, sizing.sample_fps(count, total, fps)
+    new_h, new_w = sizing.video_frame_size(count, width, height, opts)
+    return VisionInfo("video", source.source, source.width, source.height, new_w, new_h,
+                      sizing.visual_tokens(new_h, new_w, count), frames=count, total_frames=total,
+                      fps=fps, sample_fps=sample_fps)
