@@ -101,7 +101,16 @@ def _readers(path: Path, nframes: int) -> dict:
     return readers
 
 
+def _version(metadata, name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def bench_video(args: argparse.Namespace) -> None:
+    import importlib.metadata
+
     import av
     import torch
 
@@ -112,14 +121,14 @@ def bench_video(args: argparse.Namespace) -> None:
         total, fps = clip.total, clip.fps
         width, height = clip.stream.codec_context.width, clip.stream.codec_context.height
     print("## video frame sampling")
-    print(f"machine : {machine()}; torch threads {torch.get_num_threads()}")
+    print(f"machine : {machine()}; torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}; decord {_version(importlib.metadata, 'decord')}")
     print(f"clip    : {path.name}: {total} frames, {fps:g} fps, {total / fps:.0f} s, {width}x{height}, "
           f"H.264 (libx264 veryfast, key frame every {args.gop} frames, B-frames), "
           f"{path.stat().st_size / 1e6:.1f} MB")
     print(f"method  : sample N frames (nframes=N, indices linspace(0, {total - 1}, N)) into a uint8 "
           f"(N,3,H,W) tensor, opening the file each run; median of {args.runs} runs, readers "
-          f"alternating; PyAV {av.__version__} (FFmpeg {'.'.join(map(str, av.library_versions['libavcodec']))} "
-          f"libavcodec)")
+          f"alternating; PyAV {av.__version__} (libavcodec {'.'.join(map(str, av.library_versions['libavcodec']))})")
     for nframes in args.frames:
         readers = _readers(path, nframes)
         usable = {k: v for k, v in readers.items() if callable(v)}
@@ -135,12 +144,13 @@ def bench_video(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 read()
                 times[name].append(time.perf_counter() - started)
-        qvl = statistics.median(times["qvl (PyAV, seeking)"])
+        qvl = times["qvl (PyAV, seeking)"]
         print(f"\nN = {nframes} frames")
-        print(f"  {'reader':30s} {'median s':>9s} {'min s':>8s} {'qvl faster by':>14s}")
+        print(f"  {'reader':30s} {'median s':>9s} {'min s':>8s} {'ratio (median)':>15s} {'ratio (min)':>12s}")
         for name, samples in times.items():
             median = statistics.median(samples)
-            print(f"  {name:30s} {median:9.3f} {min(samples):8.3f} {median / qvl:13.2f}x")
+            print(f"  {name:30s} {median:9.3f} {min(samples):8.3f} "
+                  f"{median / statistics.median(qvl):14.2f}x {min(samples) / min(qvl):11.2f}x")
         for name, reason in readers.items():
             if not callable(reason):
                 print(f"  {name:30s} not measured: {reason}")
