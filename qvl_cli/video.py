@@ -19,7 +19,6 @@ PyAV, numpy and torch are imported inside the functions.
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +40,6 @@ class VideoProbe:
     duration: float | None  # seconds
     codec: str
     container: str
-
-    def estimated_frames(self) -> int:
-        if self.frames > 0:
-            return self.frames
-        return int(self.fps * self.duration) if self.duration else 0
 
 
 def _ffmpeg_errors() -> tuple[type[BaseException], ...]:
@@ -186,60 +180,104 @@ class _TimelineMismatch(Exception):
 
 
 class _Seeker:
-    """Decodes the frames at increasing timestamps, seeking only past key frames."""
+    """Decodes the frames at increasing timestamps of a VideoFile, seeking only past key frames.
 
-    def __init__(self, container, stream, timeline: _Timeline) -> None:
-        self.container, self.stream, self.timeline = container, stream, timeline
-        self.codec = stream.codec_context
+    After a seek, decoding starts at the first key frame packet, which must be shown at
+    or before the target (MPEG-TS and MPEG-PS seek to any packet near the time; a key
+    frame may be shown after frames that follow it in decode order); if it is not, the
+    key frames known before the target are tried; if none works, the file is reopened
+    and decoded forward from the start, without further seeks (slow, still exact).
+    """
+
+    def __init__(self, video: VideoFile) -> None:
+        self.video, self.timeline = video, video.timeline
         self.source = None  # generator of decoded frames from the current position
         self.target = 0
         self.last_pts: int | None = None
+        self.sequential = False  # seeking proved unreliable: only decode forward
+        self.from_start = False  # the current decoding began at the start of the file
+        self.seeks = self.retries = self.restarts = 0  # for tests and benchmarks
 
     def _needs_seek(self) -> bool:
         if self.source is None or self.last_pts is None or self.last_pts >= self.target:
             return True
+        if self.sequential:
+            return False
         keys = self.timeline.keyframes
         i = bisect.bisect_right(keys, self.last_pts)
         return i < len(keys) and keys[i] <= self.target
 
+    def _seek_points(self):
+        yield self.target
+        keys = self.timeline.keyframes
+        i = bisect.bisect_right(keys, self.target)
+        yield from reversed(keys[max(0, i - 3):i])  # the last key frames at or before the target
+
+    def _land(self, timestamp: int) -> tuple[Any, Any] | None:
+        """Seek near ``timestamp`` and find the first key frame packet from there:
+        (that packet, packet iterator), or None when it is shown after the target."""
+        container, stream = self.video.container, self.video.stream
+        try:
+            container.seek(timestamp, stream=stream, backward=True, any_frame=False)
+            packets = container.demux(stream)
+            head = next((p for p in packets if p.size > 0 and p.is_keyframe), None)
+        except _ffmpeg_errors():
+            return None
+        if head is None or (head.pts is not None and head.pts > self.target):
+            return None
+        return head, packets
+
     def _seek(self) -> None:
-        """Seek to the key frame before the target; step back while the key frame we land
-        on is shown after the target (seek tables may hold decode, not display, times)."""
-        seek_to, previous = self.target, None
-        for _ in range(32):
-            self.container.seek(seek_to, stream=self.stream, backward=True, any_frame=False)
-            packets = self.container.demux(self.stream)
-            head = next((p for p in packets if p.size > 0), None)
-            late = head is not None and head.pts is not None and head.pts > self.target
-            if not late or head.dts is None or head.dts == previous:
-                break
-            previous, seek_to = head.dts, min(seek_to, head.dts) - 1
-        self.source = self._decode(head, packets)
-        self.last_pts = None
+        if not self.sequential:
+            for timestamp in self._seek_points():
+                landed = self._land(timestamp)
+                if landed is not None:
+                    self.source, self.last_pts, self.from_start = self._decode(*landed), None, False
+                    return
+                self.retries += 1
+        self._restart()
+
+    def _restart(self) -> None:
+        """Reopen the file and decode from its start; after two restarts, stop seeking."""
+        self.restarts += 1
+        self.sequential = self.restarts >= 2
+        self.video.reopen()
+        self.source = self._decode(None, self.video.container.demux(self.video.stream))
+        self.last_pts, self.from_start = None, True
 
     def _decode(self, head, packets):
+        codec = self.video.stream.codec_context
         for packet in _chain(head, packets):
             if packet.pts is not None and packet.size > 0 and packet.pts < self.target:
-                self.codec.skip_frame = "NONREF"  # not shown at the target, not referenced
+                codec.skip_frame = "NONREF"  # not shown at the target, not referenced
             else:
-                self.codec.skip_frame = "DEFAULT"
+                codec.skip_frame = "DEFAULT"
             yield from packet.decode()
 
-    def frame_at(self, target: int):
-        """The first frame shown at or after ``target``, or None past the end."""
-        self.target = target
-        if self._needs_seek():
-            self._seek()
+    def _forward(self, target: int):
         for frame in self.source:
             if frame.pts is None:
                 continue
             self.last_pts = frame.pts
             if frame.pts >= target:
-                if frame.pts != target and self.timeline.exact is None:
-                    raise _TimelineMismatch
                 return frame
         self.source = None
         return None
+
+    def frame_at(self, target: int):
+        """The frame shown at ``target`` (or the first one after it, or None past the end)."""
+        self.target = target
+        if self._needs_seek():
+            self.seeks += 1
+            self._seek()
+        frame = self._forward(target)
+        if frame is None or frame.pts != target:
+            if self.timeline.exact is None:
+                raise _TimelineMismatch
+            if not self.from_start:  # a bad seek (unreliable key frame flags): from the start
+                self._restart()
+                frame = self._forward(target)
+        return frame
 
 
 def _chain(head, rest):
@@ -272,10 +310,16 @@ class VideoFile:
     def __exit__(self, *exc: object) -> None:
         self.container.close()
 
+    def reopen(self) -> None:
+        """Close and open the file again: reading restarts at its beginning."""
+        self.container.close()
+        self.container = _open(self.path)
+        self.stream = self.container.streams.video[0]
+
     def _decode(self, indices: list[int]) -> dict[int, Any]:
         from av.video.reformatter import VideoReformatter
 
-        seeker = _Seeker(self.container, self.stream, self.timeline)
+        seeker = self.seeker = _Seeker(self)
         to_rgb = VideoReformatter()  # one converter for all frames: its context is reused
         frames: dict[int, Any] = {}
         for index in sorted(set(indices)):
@@ -298,9 +342,7 @@ class VideoFile:
             try:
                 frames = self._decode(indices)
             except _TimelineMismatch:  # reopen: the packet pass must start at the beginning
-                self.container.close()
-                self.container = _open(self.path)
-                self.stream = self.container.streams.video[0]
+                self.reopen()
                 self.timeline = _scanned_timeline(self.container, self.stream, self.total, self.fps)
                 frames = self._decode(indices)
         except _ffmpeg_errors() as exc:

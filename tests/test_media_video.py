@@ -271,3 +271,22 @@ def test_high_bit_depth_colour_conversion_is_within_the_documented_bound(tmp_pat
     expected = decord.VideoReader(str(path)).get_batch(list(range(6))).asnumpy().astype(int)
     diff = np.abs(got - expected)
     assert diff.max() <= 96 and diff.mean() < 2.0  # measured: 80 and 0.89
+
+
+@pytest.mark.parametrize("name,codec,options", [
+    ("clip.ts", "libx264", {"x264-params": "scenecut=0:bframes=3"}),  # seeks land on any packet
+    ("clip.mpg", "mpeg2video", {"bf": "2"}),  # key frame flags are unreliable
+    ("clip.flv", "libx264", {"x264-params": "scenecut=0:bframes=3"}),  # no seek index
+])
+def test_containers_that_seek_badly_still_give_the_right_frames(tmp_path, name, codec, options):
+    path = make_video(tmp_path / name, 10, 30, 64, 48, codec=codec, gop=60, options=options)
+    with av.open(str(path)) as container:  # the truth: every frame, decoded in order
+        decoded = sorted(((f.pts, f.to_ndarray(format="rgb24")) for f in container.decode(video=0)),
+                         key=lambda item: item[0])
+    truth = np.stack([pixels for _, pixels in decoded])
+    with video.VideoFile(path) as clip:
+        assert clip.total == len(truth) == 300
+        for indices in ([0, 299], [58, 59, 60, 61, 119, 120, 121, 299], [150, 151, 290], [5, 5, 4]):
+            got = clip.read(indices).permute(0, 2, 3, 1).numpy()
+            assert np.array_equal(got, truth[indices]), indices
+            assert clip.seeker.restarts <= 2  # bounded: after two restarts it stops seeking
