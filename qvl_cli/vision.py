@@ -130,10 +130,21 @@ class VisionInfo:
 
 
 class VisionInputs(NamedTuple):
+    """What process_vision_info(..., return_video_kwargs=True) returns, plus the infos."""
+
     images: list[Any] | None
     videos: list[Any] | None
-    video_kwargs: dict[str, Any]
+    video_kwargs: dict[str, Any]  # {"do_sample_frames": False, "fps": [one per video]}
     infos: list[VisionInfo]
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """The video kwargs to pass to a transformers 5.x Qwen2-VL processor.
+
+        transformers 5.23 validates ``fps`` as one number and rejects qwen-vl-utils' list
+        (StrictDataclassFieldValidationError); with ``do_sample_frames=False`` Qwen2-VL's
+        tensors do not depend on fps (checked in tests), so it is left out.
+        """
+        return {k: v for k, v in self.video_kwargs.items() if k != "fps"}
 
 
 def vision_items(messages: Iterable[Any]) -> list[dict[str, Any]]:

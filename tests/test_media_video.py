@@ -143,6 +143,7 @@ def test_process_vision_info_equals_prepare_vision(clips, tmp_path):
     assert infos[1].frames == 12 and infos[1].indices == tuple(torch.linspace(0, 119, 12).round().long().tolist())
     assert infos[2].frames == 6  # 5 frames padded to an even count
     assert "12 frames of 120 at 30 fps" in infos[1].describe()
+    assert infos[1].to_dict()["tokens"] == infos[1].tokens and "indices" not in infos[1].to_dict()
 
 
 def test_qvl_defaults_equal_reference_with_the_same_values(clips):
@@ -290,3 +291,34 @@ def test_containers_that_seek_badly_still_give_the_right_frames(tmp_path, name, 
             got = clip.read(indices).permute(0, 2, 3, 1).numpy()
             assert np.array_equal(got, truth[indices]), indices
             assert clip.seeker.restarts <= 2  # bounded: after two restarts it stops seeking
+
+
+def test_processor_kwargs_feed_a_transformers_processor(clips, tmp_path):
+    """qwen-vl-utils' fps list is refused by transformers 5.x; qvl's processor kwargs are
+    accepted and give the tensors a scalar fps gives (fps does not change Qwen2-VL's)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    vocab = {token: i for i, token in enumerate(specials + ["[UNK]", "what", "moves"])}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]",
+                                                     pad_token="<|endoftext|>", additional_special_tokens=specials)
+    tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
+    processor = transformers.Qwen2VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(), tokenizer=tokenizer,
+        video_processor=transformers.Qwen2VLVideoProcessor(cap_pixels_per_frame=True))
+    image = make_image(tmp_path / "still.png", 300, 200)
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(image)},
+                                             {"type": "video", "video": str(clips["mp4"]), "fps": 3.0}]}]
+    inputs = prepare_vision(messages, REFERENCE_DEFAULTS)
+    text = "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|> what moves"
+    ours = processor(text=[text], images=inputs.images, videos=inputs.videos, **inputs.processor_kwargs(),
+                     return_tensors="pt")
+    scalar = processor(text=[text], images=inputs.images, videos=inputs.videos, do_sample_frames=False,
+                       fps=inputs.video_kwargs["fps"][0], return_tensors="pt")
+    assert sorted(ours) == sorted(scalar) and all(torch.equal(ours[k], scalar[k]) for k in ours)
+    tokens = [int(g.prod()) // 4 for g in (*ours["image_grid_thw"], *ours["video_grid_thw"])]
+    assert tokens == [info.tokens for info in inputs.infos]
+    assert int((ours["input_ids"] == vocab["<|video_pad|>"]).sum()) == inputs.infos[1].tokens
