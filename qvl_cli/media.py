@@ -97,9 +97,11 @@ class VideoSource:
 
 
 def _scheme(ref: str) -> str | None:
+    """The URL scheme of ``ref``: only ``data:`` or a ``name://`` prefix counts, so that
+    ``C:\\x.png`` and a file named ``a:b.png`` stay paths."""
     match = _SCHEME.match(ref)
-    if not match or (len(match.group(1)) == 1 and not match.group(2)):
-        return None  # a Windows drive letter, or a plain path
+    if not match or not (match.group(2) or match.group(1).lower() == "data"):
+        return None
     return match.group(1).lower()
 
 

@@ -266,6 +266,7 @@ def test_aspect_ratio_above_200_is_refused(tmp_path):
 def test_bad_urls_and_data_uris(http_server):
     base, routes = http_server
     assert "unsupported URL scheme 'ftp:'" in _error("ftp://example.com/a.png").message
+    assert "no such file: a:b.png" in _error("a:b.png").message  # a colon alone is no scheme
     assert "only base64 images" in _error("data:text/plain,hello").message
     assert "not valid base64" in _error("data:image/png;base64,abc").message
     assert "not an image" in _error(data_uri(b"plain text, not pixels")).message
