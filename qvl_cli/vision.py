@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import settings, sizing
-from .errors import MediaError
+from .errors import MediaError, one_line
 from .media import PERMISSIVE, ImageSource, MediaPolicy, VideoSource, resolve_image, resolve_video
 
 SIZING_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "total_pixels")
@@ -212,7 +212,7 @@ def load_rgb(source: ImageSource) -> Any:
     except MediaError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
-        raise MediaError(f"{source.source} could not be decoded: {exc}", "re-save the image") from None
+        raise MediaError(f"{source.source} could not be decoded: {one_line(exc, 120)}", "re-save the image") from None
 
 
 def load_image_item(item: Mapping[str, Any], defaults: VisionDefaults,
