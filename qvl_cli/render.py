@@ -33,8 +33,13 @@ def status(message: str) -> None:
     stderr_console().print(f"[dim]{message}[/dim]", markup=True)
 
 
+def note(message: str) -> None:
+    """A dim status line on stderr, taken literally (no markup) and never wrapped."""
+    stderr_console().print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
+
+
 def warn(message: str) -> None:
-    stderr_console().print(f"[yellow]warning:[/yellow] {escape(message)}")
+    stderr_console().print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def escape(text: str) -> str:
@@ -44,10 +49,10 @@ def escape(text: str) -> str:
 
 
 def error(message: str, hint: str | None) -> None:
-    console = stderr_console()
-    console.print(f"[bold red]error:[/bold red] {escape(message)}")
+    console = stderr_console()  # one line each, never wrapped at the console width
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
     if hint:
-        console.print(f"[dim]hint: {escape(hint)}[/dim]")
+        console.print(f"[dim]hint: {escape(hint)}[/dim]", soft_wrap=True)
 
 
 def table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
