@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,10 +63,16 @@ class Prefetcher:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, wait: float = 5.0) -> None:
+        """Stop preparing; wait up to ``wait`` seconds for the request being prepared, so
+        that the interpreter does not shut down under a thread busy in torch or PyAV."""
         self.stop.set()
         self.permits.release()
         self.pool.close()
+        deadline = time.monotonic() + wait
+        for thread in [self.thread, *self.pool.threads]:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def __iter__(self) -> Iterator[Prepared]:
         for _ in self.batches:

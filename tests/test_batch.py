@@ -187,7 +187,7 @@ def test_ctrl_c_and_a_crash_lose_nothing_and_resume_without_redoing(tiny_model, 
     _wait_for_lines(out, 3, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (proc.returncode, err)
     assert "interrupted" in err and "rerun the same command to resume" in err
     first = read_jsonl(out)  # every line is whole
     assert 3 <= len(first) < total and all(r["error"] is None for r in first)
