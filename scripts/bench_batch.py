@@ -137,10 +137,11 @@ def main() -> int:
                 return 1
     base = statistics.median(times[variants[0][0]])
     tokens = args.requests * args.max_tokens
-    print(f"\n| variant | median s | requests/s | tokens/s | speed-up |\n|---|---:|---:|---:|---:|")
+    print("\n| variant | median s (min-max) | requests/s | tokens/s | speed-up |\n|---|---:|---:|---:|---:|")
     for name, _ in variants:
-        med = statistics.median(times[name])
-        print(f"| {name} | {med:.2f} | {args.requests / med:.2f} | {tokens / med:.1f} | {base / med:.2f}x |")
+        med, low, high = statistics.median(times[name]), min(times[name]), max(times[name])
+        print(f"| {name} | {med:.2f} ({low:.2f}-{high:.2f}) | {args.requests / med:.2f} | "
+              f"{tokens / med:.1f} | {base / med:.2f}x |")
     return 0
 
 
