@@ -13,11 +13,11 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import devices
+from . import devices, quant
 from .errors import EngineError, PromptTooLong, translate
 from .generation import (DEFAULT_MAX_TOKENS, Chunk, GenerationParams, IncrementalDecoder,
                          StopText, Timings, Usage)
@@ -48,8 +48,9 @@ class Prepared:
 
 class Engine:
     def __init__(self, model: Any, processor: Any, plan: devices.Plan, path: Path,
-                 context_length: int, load_seconds: float) -> None:
+                 context_length: int, load_seconds: float, notes: tuple[str, ...] = ()) -> None:
         self.model = model
+        self.notes = notes  # what the user should know about how it runs (print them on stderr)
         self.processor = processor
         self.plan = plan
         self.path = path
@@ -69,16 +70,28 @@ class Engine:
              context_length: int | None = None) -> Engine:
         path = Path(path)
         start = time.perf_counter()
+        quantized = quant.inspect(path)  # AWQ / GPTQ, whatever --model-format said
+        if quantized:
+            quant.require_backend(quantized.method, "cpu" if options.device == "cpu" else "cuda")
+            options = replace(options, model_format=quantized.method)
         _quiet_libraries()
         import torch
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
         plan = devices.plan(torch, options)
+        notes = list(plan.notes)
         try:
+            extra: dict[str, Any] = {}
+            if quantized:
+                backend = quant.require_backend(quantized.method, "cuda" if plan.gpus else "cpu")
+                notes += [*quantized.notes, *backend.notes]
+                extra["config"] = _quantized_config(path, quantized.load_config(bool(plan.gpus)))
             model = Qwen2VLForConditionalGeneration.from_pretrained(
-                path, dtype=plan.dtype, attn_implementation=plan.attn, **plan.load_kwargs)
+                path, dtype=plan.dtype, attn_implementation=plan.attn, **plan.load_kwargs, **extra)
             if plan.device_map is None:
                 model.to(plan.device)
+            if quantized and not plan.gpus:
+                quant.drop_compiled_kernels(model)
             model.eval()
             processor = AutoProcessor.from_pretrained(path)
         except (OSError, ValueError, KeyError, RuntimeError, ImportError, NameError) as exc:
@@ -86,7 +99,7 @@ class Engine:
                 f"cannot load the model from {path}: {type(exc).__name__}: {_first_line(exc)}",
                 "check that the folder holds a complete Qwen2-VL checkpoint (`qvl verify`)") from exc
         context = context_length or getattr(model.config.get_text_config(), "max_position_embeddings", 32768)
-        return cls(model, processor, plan, path, context, time.perf_counter() - start)
+        return cls(model, processor, plan, path, context, time.perf_counter() - start, tuple(notes))
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -210,7 +223,7 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "device": self.plan.describe(), "dtype": self.plan.dtype_name,
                 "attn": self.plan.attn, "context_length": self.context_length,
-                "load_seconds": round(self.load_seconds, 2)}
+                "load_seconds": round(self.load_seconds, 2), "notes": list(self.notes)}
 
 
 class _QueueStreamer:
@@ -248,6 +261,15 @@ def _cancel_criteria(cancel: threading.Event):
                               device=input_ids.device)
 
     return StoppingCriteriaList([Cancelled()])
+
+
+def _quantized_config(path: Path, quantization_config: dict[str, Any]) -> Any:
+    """The checkpoint's config with its quantization config replaced (see quant.Quantized)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    config.quantization_config = quantization_config
+    return config
 
 
 def _first_line(exc: BaseException) -> str:
