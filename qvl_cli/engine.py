@@ -71,7 +71,7 @@ class Engine:
         path = Path(path)
         start = time.perf_counter()
         quantized = quant.inspect(path)  # AWQ / GPTQ, whatever --model-format said
-        if quantized:
+        if quantized:  # the packages first, before torch is imported; the CPU kernels below
             quant.require_backend(quantized.method, "cpu" if options.device == "cpu" else "cuda")
             options = replace(options, model_format=quantized.method)
         _quiet_libraries()
@@ -81,11 +81,7 @@ class Engine:
         plan = devices.plan(torch, options)
         notes = list(plan.notes)
         try:
-            extra: dict[str, Any] = {}
-            if quantized:
-                backend = quant.require_backend(quantized.method, "cuda" if plan.gpus else "cpu")
-                notes += [*quantized.notes, *backend.notes]
-                extra["config"] = _quantized_config(path, quantized.load_config(bool(plan.gpus)))
+            extra = _quantized_load_kwargs(path, quantized, plan, notes) if quantized else {}
             model = Qwen2VLForConditionalGeneration.from_pretrained(
                 path, dtype=plan.dtype, attn_implementation=plan.attn, **plan.load_kwargs, **extra)
             if plan.device_map is None:
@@ -263,13 +259,43 @@ def _cancel_criteria(cancel: threading.Event):
     return StoppingCriteriaList([Cancelled()])
 
 
-def _quantized_config(path: Path, quantization_config: dict[str, Any]) -> Any:
-    """The checkpoint's config with its quantization config replaced (see quant.Quantized)."""
+def _quantized_load_kwargs(path: Path, quantized: quant.Quantized, plan: devices.Plan,
+                           notes: list[str]) -> dict[str, Any]:
+    """Check the backend for the planned device, import it quietly, and return the
+    ``from_pretrained`` arguments: the config with the normalised quantization config."""
     from transformers import AutoConfig
 
+    backend = quant.require_backend(quantized.method, "cuda" if plan.gpus else "cpu")
+    notes += [*quantized.notes, *backend.notes]
+    _import_quant_backend(quantized.method)
     config = AutoConfig.from_pretrained(path)
-    config.quantization_config = quantization_config
-    return config
+    config.quantization_config = quantized.load_config(on_gpu=bool(plan.gpus))
+    return {"config": config}
+
+
+def _import_quant_backend(method: str) -> None:
+    """Import gptqmodel (and optimum) with its start-up banner and logs kept off stdout.
+
+    gptqmodel prints a banner, environment changes and warnings on stdout when imported,
+    where qvl's answers go. They are dropped (shown on stderr with QVL_DEBUG=1), and its
+    logger is then kept to errors. Called after the device plan, so that the
+    CUDA_DEVICE_ORDER it sets for its own use does not renumber the GPUs qvl planned on.
+    """
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import sys
+
+    from . import settings
+
+    debug = settings.debug()
+    with contextlib.redirect_stdout(sys.stderr if debug else io.StringIO()):
+        importlib.import_module("gptqmodel")
+        if method == "gptq":
+            importlib.import_module("optimum.gptq")
+    if not debug:
+        logging.getLogger("logbar").setLevel(logging.ERROR)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -88,7 +88,7 @@ def require_backend(model_format: str, device: str = "auto") -> Backend | None:
             f"the installed gptqmodel {versions['gptqmodel']} has no CPU kernel for {fmt.upper()}: "
             f"it runs on CUDA GPUs only",
             f'upgrade it (`pip install -U "qvl[{fmt}]"`: gptqmodel 7.7 runs AWQ and GPTQ on CPU), '
-            "or run on a CUDA GPU")
+            "or run on a CUDA GPU (--device cuda)")
     if on_cpu:
         notes.append(f"{fmt.upper()} on CPU runs gptqmodel's torch kernels: it works, but is far "
                      "slower than on a GPU")
@@ -101,8 +101,7 @@ def _runs_on_cpu(device: str) -> bool:
         return device == "cpu"
     from . import gpus  # auto: ask the driver, not torch
 
-    report = gpus.query()
-    return report.known and not report.visible
+    return not gpus.query().visible  # no driver to ask (unknown) means no usable GPU either
 
 
 def _version(name: str) -> str:

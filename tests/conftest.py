@@ -80,3 +80,22 @@ def tiny_model_sharded(tmp_path_factory) -> Path:
     """The same checkpoint (same seed, same weights) in 2 shards with model.safetensors.index.json."""
     return _load_make_tiny_model().make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-vl-sharded"),
                                                    shards=2)
+
+
+def _load_make_quantized_fixtures():
+    """scripts/make_quantized_fixtures.py imported by path."""
+    import importlib.util
+
+    path = REPO / "scripts" / "make_quantized_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_quantized_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def quantized_fixtures(tiny_model, tmp_path_factory) -> dict:
+    """{"awq" | "gptq-int4" | "gptq-int8": folder}: the tiny checkpoint in the published AWQ /
+    GPTQ formats (pure torch + safetensors, made once; loading them needs qvl[quant])."""
+    return _load_make_quantized_fixtures().make_quantized_fixtures(
+        tiny_model, tmp_path_factory.mktemp("quantized"))
