@@ -79,7 +79,7 @@ def resolve_for_loading(spec_flags: dict[str, Any], engine_options: Any, model_p
     no spec to check."""
     from dataclasses import replace
 
-    from . import fit
+    from . import fit, quant
 
     if model_path is not None and all(v is None for v in spec_flags.values()):
         return None, engine_options
@@ -88,6 +88,7 @@ def resolve_for_loading(spec_flags: dict[str, Any], engine_options: Any, model_p
     if result.choice and result.choice.reason:
         render.status(result.choice.reason)
     if model_path is None:
+        quant.require_backend(result.spec.model_format, engine_options.device)  # before any download
         result.require(force)
     options = replace(engine_options, model_format=result.spec.model_format)
     if result.placement and not (options.gpu_idx or options.n_gpu) and options.device != "cpu":
