@@ -56,3 +56,27 @@ def run_qvl(*args: str, env: dict[str, str] | None = None, input: str | None = N
 def qvl():
     """`qvl("resolve", "-s", "7")` runs qvl in a subprocess."""
     return run_qvl
+
+
+def _load_make_tiny_model():
+    """scripts/make_tiny_model.py imported by path (scripts/ is not a package)."""
+    import importlib.util
+
+    path = REPO / "scripts" / "make_tiny_model.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL-Instruct checkpoint (single model.safetensors), built once."""
+    return _load_make_tiny_model().make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_sharded(tmp_path_factory) -> Path:
+    """The same checkpoint (same seed, same weights) in 2 shards with model.safetensors.index.json."""
+    return _load_make_tiny_model().make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-vl-sharded"),
+                                                   shards=2)
