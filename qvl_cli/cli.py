@@ -14,8 +14,13 @@ import typer
 
 from . import __version__, render, settings
 from .errors import EXIT_FAILURE, QvlError, translate
+<<<<<<< HEAD
 from .options import (ContextLength, DownloadHub, Fit, GpuIdx, JsonOutput, MaxPixels, ModelEngine,
                       ModelFormat, ModelName, Quantization, SizeInBillions)
+=======
+from .options import (DownloadHub, DryRun, JsonOutput, ModelEngine, ModelFormat, ModelName, Offline,
+                      Quantization, Quiet, Revision, SizeInBillions, Yes)
+>>>>>>> hub
 
 APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language models.
 
@@ -23,7 +28,12 @@ APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language mode
 
   qvl list-specs                         every model spec in the catalogue
   qvl resolve -s 7 -f awq                which checkpoint `launch -s 7 -f awq` would use
+<<<<<<< HEAD
   qvl resolve -s auto                    the largest spec that fits the GPUs, and its memory
+=======
+  qvl download -s 7 -f awq               fetch it into the Hugging Face (or ModelScope) cache
+  qvl cached                             what is in the caches
+>>>>>>> hub
 """
 
 
@@ -65,22 +75,31 @@ def list_specs(
     context_length: ContextLength = None,
     json_output: JsonOutput = False,
 ) -> None:
-    """List the model specs of the catalogue, one row per spec and quantization."""
-    from . import specs
+    """List the model specs of the catalogue, one row per spec and quantization.
+
+    The "cached" column looks at local files only: a hub's short name means that hub's cache
+    holds the catalogue's revision complete and verified."""
+    from . import cache, specs
 
     catalogue = specs.load_catalogue()
     rows = specs.filter_rows(catalogue, model_name, model_format, size_in_billions, quantization)
+<<<<<<< HEAD
     if show_fit:
         from . import fit, gpus, memory
 
         report = gpus.query(gpu_idx)
         rows = fit.annotate_rows(catalogue, rows, report, memory.workload(context_length))
         render.status("GPUs: " + report.describe())
+=======
+    for row in rows:
+        row["cached"] = cache.row_states(row)
+>>>>>>> hub
     if json_output:
         render.print_json(rows)
         return
     extra = ["memory", "fits"] if show_fit else []
     render.table(
+<<<<<<< HEAD
         ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope", *extra],
         [[r["model_name"], r["model_format"], r["size_in_billions"] + "B", r["quantization"],
           ", ".join(r["engines"]), (r["huggingface"] or {}).get("model_id", "-"),
@@ -89,6 +108,25 @@ def list_specs(
 
 
 @app.command(epilog=examples("qvl resolve -s 7 -f awq", "qvl resolve -s 72 -f gptq -q Int8 --json"))
+=======
+        ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope", "cached"],
+        [[r["model_name"], r["model_format"], r["size_in_billions"] + "B", r["quantization"],
+          ", ".join(r["engines"]), (r["huggingface"] or {}).get("model_id", "-"),
+          (r["modelscope"] or {}).get("model_id", "-"), _cached_cell(r["cached"])] for r in rows],
+    )
+
+
+_HUB_SHORT = {"huggingface": "hf", "modelscope": "ms"}
+
+
+def _cached_cell(states: dict[str, str]) -> str:
+    parts = [_HUB_SHORT[h] + ("" if st == "complete" else f" {st}")
+             for h, st in states.items() if st != "absent"]
+    return ", ".join(parts) or "-"
+
+
+@app.command(epilog="Examples: qvl resolve -s 7 -f awq | qvl resolve -s 72 -f gptq -q Int8 --json")
+>>>>>>> hub
 def resolve(
     model_name: ModelName = None,
     model_engine: ModelEngine = None,
@@ -122,6 +160,152 @@ def resolve(
         + result.rows(),
         title=spec.label(),
     )
+
+
+@app.command(epilog="Examples: qvl download -s 7 -f awq | HF_ENDPOINT=https://hf-mirror.com qvl download -s 2 | "
+                    "qvl download -s 2 --download-hub modelscope")
+def download(
+    model_name: ModelName = None,
+    model_engine: ModelEngine = None,
+    size_in_billions: SizeInBillions = None,
+    model_format: ModelFormat = None,
+    quantization: Quantization = None,
+    download_hub: DownloadHub = None,
+    revision: Revision = None,
+    offline: Offline = False,
+    quiet: Quiet = False,
+    json_output: JsonOutput = False,
+) -> None:
+    """Download a model spec into the hub's cache: only the files it needs, resumable, verified.
+
+    Prints the model folder on stdout; progress and status go to stderr."""
+    from . import hub, specs
+
+    spec = specs.resolve(model_name, model_engine, size_in_billions, model_format,
+                         quantization, download_hub)
+    model = hub.ensure_local(spec, revision=revision, offline=True if offline else None, quiet=quiet)
+    if json_output:
+        render.print_json(model.to_dict())
+    else:
+        typer.echo(str(model.path))
+
+
+@app.command(epilog="Examples: qvl verify -s 2 | qvl verify -s 7 -f awq --json")
+def verify(
+    model_name: ModelName = None,
+    model_engine: ModelEngine = None,
+    size_in_billions: SizeInBillions = None,
+    model_format: ModelFormat = None,
+    quantization: Quantization = None,
+    download_hub: DownloadHub = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Re-hash a cached model against what was verified at download; report bad or missing files.
+
+    A copy that fails loses its "complete" mark, so the next `qvl download` fetches the bad files again."""
+    from . import cache, specs
+    from .errors import ChecksumMismatch, NotCached
+
+    spec = specs.resolve(model_name, model_engine, size_in_billions, model_format, quantization, download_hub)
+    entries = [e for e in cache.for_spec(spec) if e.snapshot_name]
+    if not entries:
+        raise NotCached(f"{spec.label()} is not in the cache", "download it with `qvl download` and the same flags")
+    reports = [cache.verify(e) for e in entries]
+    if json_output:
+        render.print_json([r.to_dict() for r in reports])
+    else:
+        render.table(["hub", "repo", "revision", "checked against", "files", "result"],
+                     [[_HUB_SHORT[r.entry.hub], r.entry.repo_id, r.entry.revision[:40], r.against,
+                       str(len(r.results)), "ok" if r.ok else f"{len(r.bad)} bad"] for r in reports])
+        for r in reports:
+            for name, problem in r.bad:
+                typer.echo(f"{r.entry.repo_id}: {name}: {problem}")
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        first = bad[0].bad[0]
+        raise ChecksumMismatch(f"{sum(len(r.bad) for r in bad)} file(s) do not match, e.g. {first[0]}: {first[1]}",
+                               "run `qvl download` with the same flags to fetch them again")
+
+
+@app.command(epilog="Examples: qvl cached | qvl cached --json")
+def cached(json_output: JsonOutput = False) -> None:
+    """List the Qwen2-VL models in the Hugging Face and ModelScope caches."""
+    from . import cache
+
+    entries = cache.scan()
+    if json_output:
+        render.print_json([e.to_dict() for e in entries])
+        return
+    if not entries:
+        render.note(f"no cached models in {settings.hf_hub_cache()} or {settings.modelscope_cache()}")
+    render.table(["spec", "hub", "repo", "revision", "state", "size", "path"], [_cached_row(e) for e in entries])
+
+
+def _cached_row(e) -> list[str]:
+    from .progress import human_bytes
+
+    spec = e.spec
+    quant = "" if spec["quantization"] == "none" else " " + spec["quantization"]
+    label = f"{spec['size_in_billions']}B {spec['model_format']}{quant}"
+    revision = e.revision if len(e.revision) < 40 else e.revision[:12]
+    return [label, _HUB_SHORT[e.hub], e.repo_id, revision, e.state, human_bytes(e.size_on_disk), str(e.path)]
+
+
+@app.command("remove-cache", epilog="Examples: qvl remove-cache -s 7 -f awq | qvl remove-cache --all-partial --yes "
+                                    "| qvl remove-cache -s 2 --dry-run")
+def remove_cache(
+    model_name: ModelName = None,
+    model_engine: ModelEngine = None,
+    size_in_billions: SizeInBillions = None,
+    model_format: ModelFormat = None,
+    quantization: Quantization = None,
+    download_hub: DownloadHub = None,
+    all_partial: Annotated[bool, typer.Option("--all-partial", help="Every partial download.")] = False,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    json_output: JsonOutput = False,
+) -> None:
+    """Delete cached models: shows what goes and the space freed, asks, then deletes.
+
+    Files that another cached revision still uses are kept."""
+    from . import cache
+
+    flags = (model_name, model_engine, size_in_billions, model_format, quantization, download_hub)
+    plan = cache.plan_for(flags, all_partial)
+    if json_output:
+        render.print_json(plan.to_dict())
+    else:
+        _show_plan(plan)
+    if dry_run or not plan.items:
+        return
+    if not yes and not _confirm(f"delete {len(plan.items)} cached cop{'y' if len(plan.items) == 1 else 'ies'}?"):
+        render.note("nothing deleted")
+        raise typer.Exit(1)
+    from .progress import human_bytes
+
+    render.note(f"freed {human_bytes(cache.execute(plan))}")
+
+
+def _show_plan(plan) -> None:
+    from .progress import human_bytes
+
+    if not plan.items:
+        render.note("nothing to remove")
+        return
+    render.table(["hub", "repo", "revision", "state", "frees", "path"],
+                 [[_HUB_SHORT[i.entry.hub], i.entry.repo_id, i.entry.revision[:40], i.entry.state,
+                   human_bytes(i.freed), str(i.entry.path)] for i in plan.items],
+                 title=f"to delete: {human_bytes(plan.freed)}")
+    for item in plan.items:
+        if item.kept:
+            render.note(f"kept (used by another cached revision of {item.entry.repo_id}): {', '.join(item.kept)}")
+
+
+def _confirm(question: str) -> bool:
+    try:
+        return typer.confirm(question, default=False, err=True)
+    except typer.Abort:  # end of input
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,6 +48,10 @@ class MediaError(UsageError):
     """An image or video given by the user is missing, unreadable or out of bounds."""
 
 
+class InvalidModelPath(UsageError):
+    """``--model-path`` does not point at a usable model folder."""
+
+
 class PromptTooLong(UsageError):
     """The rendered prompt is longer than the model's context length."""
 

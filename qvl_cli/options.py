@@ -6,6 +6,7 @@ Spec flags use Xinference's names so that `qvl launch -s 7 -f awq` reads like
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -52,3 +53,22 @@ Force = Annotated[bool, typer.Option(
     rich_help_panel=MEMORY_PANEL)]
 Fit = Annotated[bool, typer.Option(
     "--fit", help="Add the estimated memory of each spec and whether it fits the visible GPUs.")]
+
+# --- downloads and the cache ----------------------------------------------------------
+
+HUB_PANEL = "Download"
+
+Revision = Annotated[Optional[str], typer.Option(
+    "--revision", help="Branch, tag or commit of the repo (default: the catalogue's: a pinned commit "
+    "on Hugging Face, master on ModelScope).", rich_help_panel=HUB_PANEL, show_default=False)]
+Offline = Annotated[bool, typer.Option(
+    "--offline", help="Use the local cache only, never the network (same as HF_HUB_OFFLINE=1).",
+    rich_help_panel=HUB_PANEL)]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", help="No progress display or status lines (errors still go to stderr).",
+    rich_help_panel=HUB_PANEL)]
+ModelPath = Annotated[Optional[Path], typer.Option(
+    "--model-path", help="Use this local model folder as it is; download nothing.",
+    rich_help_panel=HUB_PANEL, show_default=False)]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]

@@ -33,6 +33,11 @@ def status(message: str) -> None:
     stderr_console().print(f"[dim]{message}[/dim]", markup=True)
 
 
+def note(message: str) -> None:
+    """A dim status line on stderr, taken literally (no markup) and never wrapped."""
+    stderr_console().print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
+
+
 def warn(message: str) -> None:
     stderr_console().print(f"[yellow]warning:[/yellow] {escape(message)}")
 

@@ -60,11 +60,76 @@ def hf_hub_cache() -> Path:
 
 
 def modelscope_cache() -> Path:
-    """The ModelScope cache root (``MODELSCOPE_CACHE``, default ``~/.cache/modelscope/hub``)."""
-    explicit = _env_path("MODELSCOPE_CACHE")
-    if explicit:
-        return explicit
-    return Path.home() / ".cache" / "modelscope" / "hub"
+    """The ModelScope cache root as modelscope_hub resolves it (``MODELSCOPE_CACHE``, default
+    ``~/.cache/modelscope``; models live under ``models/{owner}--{name}/snapshots/{revision}``).
+    Older SDKs (< 1.38) kept ``~/.cache/modelscope/hub/models/{owner}/{name}``; qvl reads
+    that layout too (see layout.py)."""
+    return _env_path("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope"
+
+
+def locks_dir() -> Path:
+    """Where qvl keeps the per-model download locks."""
+    return qvl_home() / "locks"
+
+
+def hf_endpoint() -> str:
+    """``HF_ENDPOINT`` (a mirror) or the Hugging Face Hub, read at call time.
+
+    huggingface_hub reads HF_ENDPOINT once at import; qvl passes this value explicitly."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").strip().rstrip("/")
+
+
+def modelscope_endpoint() -> str:
+    """``MODELSCOPE_ENDPOINT`` (or the deprecated ``MODELSCOPE_DOMAIN``) or modelscope.cn."""
+    value = (os.environ.get("MODELSCOPE_ENDPOINT") or "").strip()
+    if not value:
+        value = (os.environ.get("MODELSCOPE_DOMAIN") or "").strip()
+        if value and not value.startswith(("http://", "https://")):
+            value = "https://" + value
+    return (value or "https://www.modelscope.cn").rstrip("/")
+
+
+def _env_number(name: str, default: float, kind: type = float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        from .errors import UsageError
+
+        raise UsageError(f"{name}={raw!r} is not a number", f"unset {name} or give it a number") from None
+    return value
+
+
+def free_bytes_override() -> int | None:
+    """``QVL_TEST_FREE_BYTES``: pretend the cache disk has this many bytes free (tests)."""
+    return int(_env_number("QVL_TEST_FREE_BYTES", -1, int)) if os.environ.get("QVL_TEST_FREE_BYTES") else None
+
+
+def download_workers() -> int:
+    """Files fetched at the same time (``QVL_DOWNLOAD_WORKERS``, default 4)."""
+    return max(1, int(_env_number("QVL_DOWNLOAD_WORKERS", 4, int)))
+
+
+def download_attempts() -> int:
+    """Attempts per file for transient failures, on top of the hub client's own retries."""
+    return max(1, int(_env_number("QVL_DOWNLOAD_ATTEMPTS", 3, int)))
+
+
+def retry_backoff() -> float:
+    """Seconds before the first retry; doubled on each further one (``QVL_RETRY_BACKOFF``)."""
+    return max(0.0, _env_number("QVL_RETRY_BACKOFF", 2.0))
+
+
+def hub_timeout() -> float:
+    """Seconds to wait for a hub to answer before calling it unreachable (``QVL_HUB_TIMEOUT``)."""
+    return max(0.1, _env_number("QVL_HUB_TIMEOUT", 5.0))
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines when stderr is not a terminal."""
+    return max(0.0, _env_number("QVL_PROGRESS_INTERVAL", 5.0))
 
 
 def download_hub() -> str:
