@@ -14,13 +14,9 @@ import typer
 
 from . import __version__, render, settings
 from .errors import EXIT_FAILURE, QvlError, translate
-<<<<<<< HEAD
-from .options import (ContextLength, DownloadHub, Fit, GpuIdx, JsonOutput, MaxPixels, ModelEngine,
-                      ModelFormat, ModelName, Quantization, SizeInBillions)
-=======
-from .options import (DownloadHub, DryRun, JsonOutput, ModelEngine, ModelFormat, ModelName, Offline,
-                      Quantization, Quiet, Revision, SizeInBillions, Yes)
->>>>>>> hub
+from .options import (ContextLength, DownloadHub, DryRun, Fit, GpuIdx, JsonOutput, MaxPixels,
+                      ModelEngine, ModelFormat, ModelName, Offline, Quantization, Quiet, Revision,
+                      SizeInBillions, Yes)
 
 APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language models.
 
@@ -28,12 +24,9 @@ APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language mode
 
   qvl list-specs                         every model spec in the catalogue
   qvl resolve -s 7 -f awq                which checkpoint `launch -s 7 -f awq` would use
-<<<<<<< HEAD
   qvl resolve -s auto                    the largest spec that fits the GPUs, and its memory
-=======
   qvl download -s 7 -f awq               fetch it into the Hugging Face (or ModelScope) cache
   qvl cached                             what is in the caches
->>>>>>> hub
 """
 
 
@@ -83,36 +76,24 @@ def list_specs(
 
     catalogue = specs.load_catalogue()
     rows = specs.filter_rows(catalogue, model_name, model_format, size_in_billions, quantization)
-<<<<<<< HEAD
     if show_fit:
         from . import fit, gpus, memory
 
         report = gpus.query(gpu_idx)
         rows = fit.annotate_rows(catalogue, rows, report, memory.workload(context_length))
         render.status("GPUs: " + report.describe())
-=======
     for row in rows:
         row["cached"] = cache.row_states(row)
->>>>>>> hub
     if json_output:
         render.print_json(rows)
         return
     extra = ["memory", "fits"] if show_fit else []
     render.table(
-<<<<<<< HEAD
-        ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope", *extra],
+        ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope", "cached", *extra],
         [[r["model_name"], r["model_format"], r["size_in_billions"] + "B", r["quantization"],
           ", ".join(r["engines"]), (r["huggingface"] or {}).get("model_id", "-"),
-          (r["modelscope"] or {}).get("model_id", "-"), *render.fit_cells(r, show_fit)] for r in rows],
-    )
-
-
-@app.command(epilog=examples("qvl resolve -s 7 -f awq", "qvl resolve -s 72 -f gptq -q Int8 --json"))
-=======
-        ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope", "cached"],
-        [[r["model_name"], r["model_format"], r["size_in_billions"] + "B", r["quantization"],
-          ", ".join(r["engines"]), (r["huggingface"] or {}).get("model_id", "-"),
-          (r["modelscope"] or {}).get("model_id", "-"), _cached_cell(r["cached"])] for r in rows],
+          (r["modelscope"] or {}).get("model_id", "-"), _cached_cell(r["cached"]),
+          *render.fit_cells(r, show_fit)] for r in rows],
     )
 
 
@@ -125,8 +106,7 @@ def _cached_cell(states: dict[str, str]) -> str:
     return ", ".join(parts) or "-"
 
 
-@app.command(epilog="Examples: qvl resolve -s 7 -f awq | qvl resolve -s 72 -f gptq -q Int8 --json")
->>>>>>> hub
+@app.command(epilog=examples("qvl resolve -s 7 -f awq", "qvl resolve -s 72 -f gptq -q Int8 --json"))
 def resolve(
     model_name: ModelName = None,
     model_engine: ModelEngine = None,
