@@ -92,11 +92,14 @@ class Engine:
 
     def prepare(self, messages: list[dict[str, Any]]) -> Prepared:
         """Render the chat template, load and size the media, tokenize: the model inputs."""
-        from . import media
+        from . import vision
 
         start = time.perf_counter()
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        images, videos, video_kwargs, infos = media.prepare_vision(messages)
+        images, videos, video_kwargs, infos = vision.prepare_vision(messages)
+        # Qwen2-VL's processor uses fps only to sample frames (done already, do_sample_frames
+        # is off) and its strict kwargs refuse a per-video list; no videos, no video options.
+        video_kwargs = {k: v for k, v in video_kwargs.items() if k != "fps"} if videos else {}
         inputs = self.processor(text=[text], images=images, videos=videos, padding=True,
                                 return_tensors="pt", **video_kwargs)
         prompt_tokens = int(inputs["input_ids"].shape[-1])
