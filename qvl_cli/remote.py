@@ -104,10 +104,17 @@ def _plain(ref: Any) -> Any:
     return getattr(ref, "source", str(ref))
 
 
+def _plain_part(part: dict[str, Any]) -> dict[str, Any]:
+    for key in ("image", "video"):
+        if key in part:
+            part = {**part, key: _plain(part[key])}
+    return part
+
+
 def wire_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    plain = [{**m, "content": [{**p, **({"image": _plain(p["image"])} if "image" in p else {}),
-                               **({"video": _plain(p["video"])} if "video" in p else {})}
-                              for p in m["content"]]} for m in messages]
+    """Qwen-format messages (string contents allowed) -> OpenAI messages, local files inlined."""
+    plain = [{**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str)
+              else [_plain_part(p) for p in m["content"]]} for m in messages]
     try:
         return msgs.to_openai(plain)
     except OSError as exc:
@@ -145,7 +152,7 @@ def translate_api_error(exc: BaseException, target: Target) -> QvlError | None:
     status = getattr(exc, "status_code", None)
     if status == 401:
         return ServerError(f"{target.base_url} refused the request: {one_line(message)}",
-                           hint or "pass --api-key KEY or set QVL_API_KEY")
+                           "pass the server's key with --api-key KEY or set QVL_API_KEY")
     if status in (400, 404, 413, 422):
         return UsageError(one_line(message), hint or "check the request")
     if status is not None:
