@@ -182,8 +182,8 @@ def verify(entry: CachedModel) -> VerifyReport:
                         "finish it with `qvl download`, or remove it with `qvl remove-cache --all-partial`")
     manifest = layout.read_manifest(entry.hub, entry.repo_id, entry.snapshot_name)
     if manifest is not None:
-        files = [RemoteFile(f["path"], f["size"], f["sha256"]) for f in manifest["files"]]
-        against = "qvl manifest"
+        files = [RemoteFile(f["path"], f["size"], f.get("sha256"), f.get("git_sha1")) for f in manifest["files"]]
+        against = "qvl manifest" if manifest.get("complete", True) else "hub listing recorded by qvl"
     else:
         listing = layout.hf_tree_listing(entry.repo_id, entry.commit) if entry.hub == HF and entry.commit else None
         if listing is None:
@@ -194,7 +194,7 @@ def verify(entry: CachedModel) -> VerifyReport:
         files, against = list(listing.files), "hub listing cached by huggingface_hub"
     results = tuple((f.path, layout.check_file(entry.path / f.path, f)[0]) for f in files)
     report = VerifyReport(entry, against, results)
-    if manifest is not None and not report.ok:
+    if manifest is not None and manifest.get("complete", True) and not report.ok:
         # The record no longer describes the files: drop it, so the copy stops counting as
         # complete and the next `qvl download` checks every file and fetches the bad ones.
         layout.manifest_path(entry.hub, entry.repo_id, entry.snapshot_name).unlink(missing_ok=True)
@@ -227,8 +227,9 @@ class RemovalPlan:
              "kept_shared": list(i.kept)} for i in self.items]}
 
 
-def plan_for(spec_flags: tuple, all_partial: bool) -> RemovalPlan:
-    """The removal plan for `remove-cache`: the copies of a spec, or every partial download."""
+def plan_for(spec_flags: tuple, all_partial: bool, revision: str | None = None) -> RemovalPlan:
+    """The removal plan for `remove-cache`: the copies of a spec (of one revision when given),
+    or every partial download."""
     entries = scan()
     if any(flag is not None for flag in spec_flags):
         targets = for_spec(resolve(*spec_flags), entries)
@@ -239,6 +240,8 @@ def plan_for(spec_flags: tuple, all_partial: bool) -> RemovalPlan:
                          "`qvl cached` lists what is in the caches")
     if all_partial:
         targets = [e for e in targets if e.state == "partial"]
+    if revision:
+        targets = [e for e in targets if revision in (e.commit, e.snapshot_name, *e.revision.split(", "))]
     return plan_removal(targets, entries)
 
 
@@ -253,6 +256,8 @@ def plan_removal(entries: list[CachedModel], all_entries: list[CachedModel] | No
         items.append(_hf_removal(entry, staying) if entry.hub == HF else _ms_removal(entry))
         if not staying:
             folders.append(_repo_folder(entry))
+            if entry.hub == HF:  # huggingface_hub's per-repo lock files
+                folders.append(settings.hf_hub_cache() / ".locks" / layout.hf_repo_dir(entry.repo_id).name)
     manifests = []
     for entry in entries:
         if entry.snapshot_name:
@@ -274,11 +279,16 @@ def _hf_removal(entry: CachedModel, staying: list[CachedModel]) -> Removal:
     shared = set().union(*(_hf_blobs(e.path) for e in staying if e.snapshot_name)) if staying else set()
     gone = sorted(mine - shared) + list(entry.partial_files)
     delete = ([entry.path] if entry.snapshot_name else []) + gone
-    refs = layout.hf_repo_dir(entry.repo_id) / "refs"
-    if entry.commit and refs.is_dir():
-        delete += [r for r in refs.rglob("*") if r.is_file() and r.read_text().strip() == entry.commit]
+    repo_dir = layout.hf_repo_dir(entry.repo_id)
+    if entry.commit and (repo_dir / "refs").is_dir():
+        delete += [r for r in (repo_dir / "refs").rglob("*") if r.is_file() and r.read_text().strip() == entry.commit]
+    tree = repo_dir / "trees" / f"{entry.commit}.json"  # the listing huggingface_hub cached
+    if entry.commit and tree.exists():
+        delete.append(tree)
     freed = sum(layout.file_size(p) or 0 for p in gone)
-    kept = tuple(sorted(p.name for p in mine & shared))
+    files = [p for p in entry.path.rglob("*") if p.is_file()] if entry.snapshot_name else []
+    kept = tuple(sorted(p.relative_to(entry.path).as_posix() for p in files
+                        if Path(os.path.realpath(p)) in shared))
     return Removal(entry, tuple(delete), freed, kept)
 
 

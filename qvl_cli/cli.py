@@ -14,16 +14,19 @@ import typer
 
 from . import __version__, render, settings
 from .errors import EXIT_FAILURE, QvlError, UsageError, translate
-from .options import (AllowLocalMedia, AllowRemoteMedia, ApiKey, Attn, ContextLength, Device,
-                      DownloadHub, DryRun, Dtype, Fit, Force, Foreground, GpuIdx, Host, JsonOutput,
-                      MaxBodyMb, MaxMemory, MaxPixels, MaxQueue, ModelEngine, ModelFormat, ModelName,
-                      ModelPath, ModelUid, NGpu, Offline, Port, Quantization, Quiet, Revision,
-                      SizeInBillions, Yes)
+from .options import (AllowLocalMedia, AllowRemoteMedia, ApiKey, Attn, ContextLength, Device, DownloadHub,
+                      DryRun, Dtype, Fit, Force, Foreground, Fps, GpuIdx, Host, Images, JsonOutput,
+                      MaxBodyMb, MaxFrames, MaxMemory, MaxPixels, MaxQueue, MaxTokens, MinPixels,
+                      ModelEngine, ModelFormat, ModelName, ModelPath, ModelUid, NGpu, Offline, Port,
+                      Quantization, Quiet, RepetitionPenalty, Revision, Seed, SizeInBillions, Stop,
+                      Temperature, TopK, TopP, VideoEnd, Videos, VideoStart, Yes)
 
 APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language models.
 
 [bold]Examples[/bold]
 
+  qvl chat --image photo.jpg "What is in this picture?"
+  qvl chat -s 7 -f awq                   an interactive chat (/help lists its commands)
   qvl list-specs                         every model spec in the catalogue
   qvl resolve -s 7 -f awq                which checkpoint `launch -s 7 -f awq` would use
   qvl resolve -s auto                    the largest spec that fits the GPUs, and its memory
@@ -80,14 +83,14 @@ def list_specs(
 
     catalogue = specs.load_catalogue()
     rows = specs.filter_rows(catalogue, model_name, model_format, size_in_billions, quantization)
+    for row in rows:
+        row["cached"] = cache.row_states(row)
     if show_fit:
         from . import fit, gpus, memory
 
         report = gpus.query(gpu_idx)
         rows = fit.annotate_rows(catalogue, rows, report, memory.workload(context_length))
         render.status("GPUs: " + report.describe())
-    for row in rows:
-        row["cached"] = cache.row_states(row)
     if json_output:
         render.print_json(rows)
         return
@@ -146,8 +149,8 @@ def resolve(
     )
 
 
-@app.command(epilog="Examples: qvl download -s 7 -f awq | HF_ENDPOINT=https://hf-mirror.com qvl download -s 2 | "
-                    "qvl download -s 2 --download-hub modelscope")
+@app.command(epilog=examples("qvl download -s 7 -f awq", "HF_ENDPOINT=https://hf-mirror.com qvl download -s 2",
+                             "qvl download -s 2 --download-hub modelscope --quiet"))
 def download(
     model_name: ModelName = None,
     model_engine: ModelEngine = None,
@@ -174,7 +177,7 @@ def download(
         typer.echo(str(model.path))
 
 
-@app.command(epilog="Examples: qvl verify -s 2 | qvl verify -s 7 -f awq --json")
+@app.command(epilog=examples("qvl verify -s 2", "qvl verify -s 7 -f awq --json"))
 def verify(
     model_name: ModelName = None,
     model_engine: ModelEngine = None,
@@ -211,7 +214,7 @@ def verify(
                                "run `qvl download` with the same flags to fetch them again")
 
 
-@app.command(epilog="Examples: qvl cached | qvl cached --json")
+@app.command(epilog=examples("qvl cached", "qvl cached --json"))
 def cached(json_output: JsonOutput = False) -> None:
     """List the Qwen2-VL models in the Hugging Face and ModelScope caches."""
     from . import cache
@@ -235,8 +238,8 @@ def _cached_row(e) -> list[str]:
     return [label, _HUB_SHORT[e.hub], e.repo_id, revision, e.state, human_bytes(e.size_on_disk), str(e.path)]
 
 
-@app.command("remove-cache", epilog="Examples: qvl remove-cache -s 7 -f awq | qvl remove-cache --all-partial --yes "
-                                    "| qvl remove-cache -s 2 --dry-run")
+@app.command("remove-cache", epilog=examples("qvl remove-cache -s 7 -f awq", "qvl remove-cache --all-partial --yes",
+                                             "qvl remove-cache -s 2 --dry-run"))
 def remove_cache(
     model_name: ModelName = None,
     model_engine: ModelEngine = None,
@@ -244,6 +247,7 @@ def remove_cache(
     model_format: ModelFormat = None,
     quantization: Quantization = None,
     download_hub: DownloadHub = None,
+    revision: Revision = None,
     all_partial: Annotated[bool, typer.Option("--all-partial", help="Every partial download.")] = False,
     dry_run: DryRun = False,
     yes: Yes = False,
@@ -251,11 +255,12 @@ def remove_cache(
 ) -> None:
     """Delete cached models: shows what goes and the space freed, asks, then deletes.
 
-    Files that another cached revision still uses are kept."""
+    Every cached revision of the spec goes unless --revision names one. Files that another
+    cached revision still uses are kept."""
     from . import cache
 
     flags = (model_name, model_engine, size_in_billions, model_format, quantization, download_hub)
-    plan = cache.plan_for(flags, all_partial)
+    plan = cache.plan_for(flags, all_partial, revision)
     if json_output:
         render.print_json(plan.to_dict())
     else:
@@ -395,6 +400,51 @@ def terminate(
     for entry in targets:
         outcome = launcher.terminate(entry, timeout)
         render.status(f"{entry.uid}: {outcome} (pid {entry.pid})")
+
+
+@app.command(epilog=examples(
+    'qvl chat --image photo.jpg "What is in this picture?"',
+    'qvl chat -s 7 -f awq --video clip.mp4 --fps 1 "Summarise the clip"',
+    "qvl chat --model-path ./my-checkpoint          (interactive; /help inside)",
+    'echo "Describe it" | qvl chat --image x.png --json -'))
+def chat(
+    prompt: Annotated[Optional[str], typer.Argument(
+        metavar="PROMPT", help="The question; - reads it from stdin. Without it: an interactive chat.", show_default=False)] = None,
+    model_name: ModelName = None, model_engine: ModelEngine = None, size_in_billions: SizeInBillions = None,
+    model_format: ModelFormat = None, quantization: Quantization = None, download_hub: DownloadHub = None,
+    model_path: ModelPath = None, revision: Revision = None, offline: Offline = False,
+    image: Images = None, video: Videos = None, min_pixels: MinPixels = None, max_pixels: MaxPixels = None,
+    fps: Fps = None, max_frames: MaxFrames = None, video_start: VideoStart = None, video_end: VideoEnd = None,
+    system: Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="System prompt.",
+                                                  show_default=False)] = None,
+    max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None,
+    repetition_penalty: RepetitionPenalty = None, seed: Seed = None, stop: Stop = None,
+    device: Device = "auto", gpu_idx: GpuIdx = None, n_gpu: NGpu = None, max_memory: MaxMemory = None,
+    dtype: Dtype = "auto", attn: Attn = "auto", force: Force = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, usage, timings).")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speed on stderr.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Print each image's and video's size, frames "
+                                          "and visual tokens on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress or status on stderr.")] = False,
+) -> None:
+    """Ask about images and videos: one answer streamed to stdout, or an interactive chat."""
+    from . import chat_run, devices
+    from .engine import EngineOptions
+    from .generation import GenerationParams
+
+    request = chat_run.ChatRequest(
+        prompt=prompt, spec_flags=dict(model_name=model_name, model_engine=model_engine,
+                                       size_in_billions=size_in_billions, model_format=model_format,
+                                       quantization=quantization, hub=download_hub),
+        model_path=model_path, revision=revision, offline=offline, force=force,
+        images=tuple(image or ()), videos=tuple(video or ()),
+        media_flags=dict(min_pixels=min_pixels, max_pixels=max_pixels, fps=fps, max_frames=max_frames,
+                         video_start=video_start, video_end=video_end),
+        system=system, params=GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty,
+                                               seed, tuple(stop or ())),
+        engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn),
+        json_output=json_output, stats=stats, verbose=verbose, quiet=quiet)
+    raise typer.Exit(chat_run.run(request))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,8 +19,7 @@ from typing import Any
 
 from . import devices
 from .errors import EngineError, PromptTooLong, translate
-from .generation import (DEFAULT_MAX_TOKENS, Chunk, GenerationParams, IncrementalDecoder,
-                         StopText, Timings, Usage)
+from .generation import DEFAULT_MAX_TOKENS, Chunk, GenerationParams, TokenStream
 
 _END = object()
 
@@ -44,6 +43,17 @@ class Prepared:
     prompt_tokens: int
     media: list[Any] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass
+class Job:
+    """One request ready to decode: its inputs, options, cancel flag and token budget."""
+
+    prepared: Prepared
+    params: GenerationParams
+    cancel: threading.Event
+    start: float
+    max_new: int
 
 
 class Engine:
@@ -111,11 +121,9 @@ class Engine:
 
     # --- generation -----------------------------------------------------------------------
 
-    def generate_kwargs(self, params: GenerationParams, prompt_tokens: int) -> dict[str, Any]:
+    def generate_kwargs(self, params: GenerationParams, max_new_tokens: int) -> dict[str, Any]:
         """Keyword arguments for ``model.generate`` from the params over the checkpoint defaults."""
-        budget = self.context_length - prompt_tokens
-        max_new = min(params.max_tokens or DEFAULT_MAX_TOKENS, budget)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": self.pad_id,
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.pad_id,
                                   "eos_token_id": sorted(self.eos_ids)}
         if params.temperature == 0:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -129,8 +137,18 @@ class Engine:
         if params.repetition_penalty is not None:
             kwargs["repetition_penalty"] = params.repetition_penalty
         if params.ignore_eos:
-            kwargs["min_new_tokens"] = max_new
+            kwargs["min_new_tokens"] = max_new_tokens
         return kwargs
+
+    def job(self, messages: list[dict[str, Any]], params: GenerationParams = GenerationParams(),
+            prepared: Prepared | None = None, cancel: threading.Event | None = None) -> Job:
+        """Validate and prepare one request; errors here concern this request alone."""
+        params = params.validated()
+        start = time.perf_counter() - (prepared.seconds if prepared else 0.0)
+        prepared = prepared or self.prepare(messages)
+        budget = self.context_length - prepared.prompt_tokens
+        max_new = min(params.max_tokens or DEFAULT_MAX_TOKENS, budget)
+        return Job(prepared, params, cancel or threading.Event(), start, max_new)
 
     def stream(self, messages: list[dict[str, Any]], params: GenerationParams = GenerationParams(),
                prepared: Prepared | None = None, cancel: threading.Event | None = None) -> Iterator[Chunk]:
@@ -139,28 +157,60 @@ class Engine:
         Closing the iterator early (break, Ctrl-C, a client that went away) or setting
         ``cancel`` stops the generation; the worker thread is always joined.
         """
-        params = params.validated()
-        start = time.perf_counter()
-        prepared = prepared or self.prepare(messages)
-        kwargs = self.generate_kwargs(params, prepared.prompt_tokens)
-        with self.lock:
-            yield from self._run(prepared, params, kwargs, start, cancel or threading.Event())
+        job = self.job(messages, params, prepared, cancel)
+        for _, chunk in self.run_jobs([job]):
+            yield chunk
 
-    def _run(self, prepared: Prepared, params: GenerationParams, kwargs: dict[str, Any],
-             start: float, cancel: threading.Event) -> Iterator[Chunk]:
+    def run_jobs(self, jobs: Sequence[Job]) -> Iterator[tuple[int, Chunk]]:
+        """Decode several requests as one left-padded batch; yields (job index, chunk).
+
+        The jobs must share ``params.batch_key()``. Each job ends with its own final
+        chunk as soon as it is done; a job whose ``cancel`` is set ends as "cancelled"
+        while the others go on; generation stops once every job is done.
+        """
+        keys = {job.params.batch_key() for job in jobs}
+        if len(keys) != 1:
+            raise ValueError("jobs in one batch must share their sampling parameters")
+        with self.lock:
+            yield from self._run(list(jobs))
+
+    def collate(self, prepared: Sequence[Prepared]) -> dict[str, Any]:
+        """Left-pad the token rows of several prepared requests and concatenate their pixels."""
+        import torch
+
+        rows = [p.inputs for p in prepared]
+        length = max(int(r["input_ids"].shape[-1]) for r in rows)
+        out: dict[str, Any] = {}
+        for key, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+            if key not in rows[0]:
+                continue
+            batch = torch.full((len(rows), length), fill, dtype=rows[0][key].dtype)
+            for i, row in enumerate(rows):
+                n = int(row[key].shape[-1])
+                batch[i, length - n:] = row[key][0]
+            out[key] = batch
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            parts = [r[key] for r in rows if key in r and r[key] is not None]
+            if parts:
+                out[key] = torch.cat(parts, dim=0)
+        return out
+
+    def _run(self, jobs: list[Job]) -> Iterator[tuple[int, Chunk]]:
+        kwargs = self.generate_kwargs(jobs[0].params, max(j.max_new for j in jobs))
+        inputs = jobs[0].prepared.inputs if len(jobs) == 1 else self.collate([j.prepared for j in jobs])
+        inputs = {k: v.to(self.plan.input_device) for k, v in inputs.items()}
         tokens: queue.Queue = queue.Queue()
         streamer = _QueueStreamer(tokens)
-        inputs = prepared.inputs.to(self.plan.input_device)
+        stop_all = threading.Event()
         worker = threading.Thread(target=self._generate_worker, name="qvl-generate", daemon=True,
                                   args=(inputs, dict(kwargs, streamer=streamer,
-                                                     stopping_criteria=_cancel_criteria(cancel)),
-                                        params.seed, streamer, tokens))
-        decoder = IncrementalDecoder(self._decode)
-        stops = StopText(params.stop)
-        count, first_at, finish = 0, None, None
+                                                     stopping_criteria=_cancel_criteria(stop_all)),
+                                        jobs[0].params.seed, streamer, tokens))
+        streams = [TokenStream(self._decode, self.eos_ids, j.params.stop, j.max_new,
+                               j.prepared.prompt_tokens, j.start) for j in jobs]
         worker.start()
         try:
-            while True:
+            while not all(s.done for s in streams):
                 item = tokens.get()
                 if item is _END:
                     break
@@ -168,30 +218,31 @@ class Engine:
                     raise translate(item) or EngineError(
                         f"generation failed: {type(item).__name__}: {_first_line(item)}",
                         "rerun with QVL_DEBUG=1 for details") from item
-                count += len(item)
-                first_at = first_at or time.perf_counter()
-                if any(t in self.eos_ids for t in item):
-                    finish = "stop"
-                text = stops.feed(decoder.push([t for t in item if t not in self.eos_ids]))
-                if text:
-                    yield Chunk(text=text)
-                if stops.stopped:
-                    finish = "stop"
-                    cancel.set()
-            tail = stops.feed(decoder.flush()) + stops.flush()
-            if tail:
-                yield Chunk(text=tail)
-            if finish is None:
-                finish = "cancelled" if cancel.is_set() else "length"
-            end = time.perf_counter()
-            first_at = first_at or end
-            decode_s = end - first_at
-            tps = (count - 1) / decode_s if count > 1 and decode_s > 0 else 0.0
-            yield Chunk(finish_reason=finish, usage=Usage(prepared.prompt_tokens, count),
-                        timings=Timings(first_at - start, end - start, tps))
+                now = time.perf_counter()
+                for i, (job, stream) in enumerate(zip(jobs, streams)):
+                    chunks = stream.close("cancelled", now) if job.cancel.is_set() else stream.push(item[i:i + 1], now)
+                    for chunk in chunks:
+                        yield i, chunk
+            now = time.perf_counter()
+            for i, (job, stream) in enumerate(zip(jobs, streams)):
+                for chunk in stream.close("cancelled" if job.cancel.is_set() else "length", now):
+                    yield i, chunk
         finally:
-            cancel.set()
+            stop_all.set()
             worker.join()
+
+    def sampling_note(self, params: GenerationParams) -> str | None:
+        """A warning when --temperature cannot change anything: Qwen2-VL's generation_config
+        keeps top_k 1 and top_p 0.001 (near greedy) unless --top-k / --top-p override them."""
+        if not params.temperature:
+            return None
+        gen = self.model.generation_config
+        top_k = params.top_k if params.top_k is not None else (gen.top_k or 0)
+        top_p = params.top_p if params.top_p is not None else (gen.top_p or 1.0)
+        if top_k == 1 or top_p < 0.01:
+            return (f"--temperature {params.temperature} has little effect while top_k is {top_k} and top_p "
+                    f"{top_p} (the checkpoint's generation_config); add --top-k 0 --top-p 0.9 for varied answers")
+        return None
 
     def _generate_worker(self, inputs, kwargs, seed, streamer, tokens) -> None:
         import torch

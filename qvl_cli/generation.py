@@ -49,6 +49,11 @@ class GenerationParams:
             raise UsageError(f"at most 16 stop sequences, not {len(self.stop)}", "send fewer stop sequences")
         return self
 
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can be decoded together (one sampler for the batch);
+        max_tokens and stop may differ: they are applied per request."""
+        return (self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed, self.ignore_eos)
+
     def merged(self, **overrides: Any) -> GenerationParams:
         """A copy with the non-None overrides applied (per-request options over defaults)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -201,3 +206,64 @@ class StopText:
     def flush(self) -> str:
         out, self.pending = ("" if self.stopped else self.pending), ""
         return out
+
+
+class TokenStream:
+    """One request's state while its tokens arrive: text deltas, stop strings, end of
+    sequence, the token budget, and the final record with usage and timings.
+
+    ``push`` and ``close`` return the chunks to hand to the consumer; after the final
+    chunk the stream ignores further tokens (a batch may still be generating for others).
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], eos_ids: set[int], stop: Sequence[str],
+                 max_tokens: int, prompt_tokens: int, start: float) -> None:
+        self.decoder = IncrementalDecoder(decode)
+        self.stops = StopText(stop)
+        self.eos_ids = eos_ids
+        self.max_tokens = max_tokens
+        self.prompt_tokens = prompt_tokens
+        self.start = start
+        self.count = 0
+        self.first_at: float | None = None
+        self.finish: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    def push(self, ids: Sequence[int], now: float) -> list[Chunk]:
+        if self.done:
+            return []
+        self.first_at = self.first_at or now
+        kept: list[int] = []
+        reason = None
+        for token in ids:
+            self.count += 1
+            if token in self.eos_ids:
+                reason = "stop"
+                break
+            kept.append(token)
+            if self.count >= self.max_tokens:
+                reason = "length"
+                break
+        text = self.stops.feed(self.decoder.push(kept)) if kept else ""
+        out = [Chunk(text=text)] if text else []
+        if self.stops.stopped:
+            reason = "stop"
+        if reason:
+            out += self.close(reason, now)
+        return out
+
+    def close(self, reason: str, now: float) -> list[Chunk]:
+        """Finish with ``reason`` (stop, length, cancelled): the held-back text, then the record."""
+        if self.done:
+            return []
+        self.finish = reason
+        tail = "" if self.stops.stopped else self.stops.feed(self.decoder.flush()) + self.stops.flush()
+        first = self.first_at or now
+        decode_s = now - first
+        tps = (self.count - 1) / decode_s if self.count > 1 and decode_s > 0 else 0.0
+        final = Chunk(finish_reason=reason, usage=Usage(self.prompt_tokens, self.count),
+                      timings=Timings(first - self.start, now - self.start, tps))
+        return ([Chunk(text=tail)] if tail else []) + [final]

@@ -71,7 +71,14 @@ class _Say:
 
 def ensure_local(spec: ResolvedSpec, hub: str | None = None, revision: str | None = None,
                  offline: bool | None = None, quiet: bool = False) -> LocalModel:
-    """The local folder of ``spec``, downloading what is missing unless offline."""
+    """The local folder of ``spec``, downloading what is missing unless offline.
+
+    ``hub`` narrows the spec's sources to one hub (None: the spec's own choice, which for
+    ``auto`` is Hugging Face then ModelScope); ``revision`` replaces the catalogue's;
+    ``offline`` None means ``HF_HUB_OFFLINE``; ``quiet`` drops progress and status lines.
+    Raises a QvlError subclass (NotCached, HubUnreachable, RepoNotFound, GatedRepo,
+    ChecksumMismatch, NotEnoughDisk, DownloadError) with a one-line message and a hint.
+    """
     say = _Say(quiet)
     offline = settings.hf_offline() if offline is None else offline
     sources = _sources(spec, hub, revision)
@@ -85,6 +92,7 @@ def ensure_local(spec: ResolvedSpec, hub: str | None = None, revision: str | Non
     from .hub_clients import forward_logs
 
     client, source = _choose(sources, spec, say)
+    client.load()
     with contextlib.ExitStack() as stack:
         stack.enter_context(forward_logs(say, client.logger_names))
         listing = _retry(lambda: client.listing(source.model_id, source.revision), client, source,
@@ -268,6 +276,7 @@ def _fetch_all(client, listing: Listing, spec: ResolvedSpec, say: _Say) -> Local
                if f.path not in have and (p := layout.partial_path(listing.hub, listing.repo_id, snapshot, f))}
     need = sum(f.size for f in listing.files if f.path not in have) - sum(partial.values())
     _check_disk(need, client.cache, listing)
+    _write_pending(listing, snapshot, client.endpoint)
     done = sum(f.size for f in listing.files if f.path in have)
     say(f"{len(listing.files)} files, {human_bytes(listing.total_size)}; "
         f"{human_bytes(max(need, 0))} to fetch" + (f" (resuming {len(partial)} partial file(s))"
@@ -292,7 +301,12 @@ def _obtain(client, listing: Listing, snapshot: Path, file: RemoteFile, have: bo
     for attempt in (1, 2):
         if not have:
             _retry(lambda: client.fetch(listing, file, bar), client, source, file.path, say)
-        problem, sha256 = layout.check_file(snapshot / file.path, file)
+        if not have and client.verifies_sha256 and file.sha256:
+            # the client hashed it against the listing while fetching: do not read it twice
+            size = layout.file_size(snapshot / file.path)
+            problem, sha256 = (None if size == file.size else f"size {size} instead of {file.size}"), file.sha256
+        else:
+            problem, sha256 = layout.check_file(snapshot / file.path, file)
         if problem is None:
             return str(sha256)
         client.discard(listing, file)
@@ -357,13 +371,28 @@ def _check_disk(need: int, cache: Path, listing: Listing) -> None:
 
 def _write_manifest(listing: Listing, snapshot: Path, checked: list[tuple[RemoteFile, str]],
                     endpoint: str | None) -> None:
+    """Record a complete, verified copy: every file with its size and sha256."""
     files = [{"path": f.path, "size": f.size, "sha256": sha,
               "checked": "sha256" if f.sha256 else ("git-sha1" if f.git_sha1 else "size")}
              for f, sha in checked]
+    _manifest(listing, snapshot, endpoint, files, complete=True)
+
+
+def _write_pending(listing: Listing, snapshot: Path, endpoint: str | None) -> None:
+    """Before fetching: record the listing, so an interrupted copy is known to be partial."""
+    current = layout.read_manifest(listing.hub, listing.repo_id, snapshot.name)
+    if current is not None and current.get("complete", True) and current.get("commit") == listing.commit:
+        return  # a verified record stays until the files are checked again
+    files = [{"path": f.path, "size": f.size, "sha256": f.sha256, "git_sha1": f.git_sha1}
+             for f in listing.files]
+    _manifest(listing, snapshot, endpoint, files, complete=False)
+
+
+def _manifest(listing: Listing, snapshot: Path, endpoint: str | None, files: list[dict], complete: bool) -> None:
     layout.write_manifest(listing.hub, listing.repo_id, snapshot.name, {
         "hub": listing.hub, "repo_id": listing.repo_id, "revision": listing.revision,
-        "commit": listing.commit, "endpoint": endpoint, "path": str(snapshot),
-        "verified_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": listing.commit, "complete": complete, "endpoint": endpoint, "path": str(snapshot),
+        "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "total_size": listing.total_size, "files": files,
     })
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import socket
 import urllib.error
 import urllib.request
@@ -91,6 +93,7 @@ class HubClient:
     hub = ""
     label = ""
     token_hint = ""
+    verifies_sha256 = False  # the client itself checks a fetched file against the listed sha256
     logger_names: tuple[str, ...] = ()
 
     def __init__(self) -> None:
@@ -105,6 +108,9 @@ class HubClient:
 
     def probe_url(self, repo_id: str) -> str:
         raise NotImplementedError
+
+    def load(self) -> None:
+        """Import the SDK (it sets up its loggers on import; forward_logs comes after)."""
 
     def probe(self, repo_id: str) -> str | None:
         return _probe(self.probe_url(repo_id), settings.hub_timeout())
@@ -122,7 +128,8 @@ class HubClient:
             return False, GatedRepo(f"{repo_id} needs a {self.label} token: {self.token_hint}",
                                     "with a token, check that it has access to the repository "
                                     "(some repos ask you to accept their terms on the model page)")
-        if names & {"RevisionNotFoundError"} or (names & {"NotExistError"} and "revision" in str(exc).lower()):
+        said = str(getattr(exc, "message", None) or exc).split("\n")[0].lower()  # not the URL's ?Revision=
+        if names & {"RevisionNotFoundError"} or (names & {"NotExistError"} and "revision" in said):
             return False, RepoNotFound(f"{repo_id} has no revision {revision!r} on {self.where()}",
                                        "check --revision, or leave it out to use the catalogue's")
         if names & {"RepositoryNotFoundError", "NotExistError", "NotFoundError"} or status == 404:
@@ -176,6 +183,9 @@ class HuggingFace(HubClient):
     def probe_url(self, repo_id: str) -> str:
         return f"{self.endpoint}/api/models/{repo_id}"
 
+    def load(self) -> None:
+        import huggingface_hub.file_download  # noqa: F401
+
     def listing(self, repo_id: str, revision: str) -> Listing:
         from huggingface_hub import HfApi
         from huggingface_hub.hf_api import RepoFile
@@ -199,10 +209,48 @@ class HuggingFace(HubClient):
         return layout.hf_repo_dir(listing.repo_id) / "snapshots" / str(listing.commit)
 
     def fetch(self, listing: Listing, file: RemoteFile, progress: Progress) -> None:
-        from huggingface_hub import hf_hub_download
+        """One file into the HF cache layout (blobs/<etag>, snapshots/<commit>/<path> -> blob).
 
-        hf_hub_download(listing.repo_id, file.path, revision=listing.commit, endpoint=self.endpoint,
-                        cache_dir=str(self.cache), tqdm_class=_tqdm_class(progress, file.path))
+        huggingface_hub >= 2 downloads into a per-process temporary file that it deletes on
+        failure, so an interrupted `hf_hub_download` always starts over. qvl keeps the partial
+        bytes in blobs/<etag>.incomplete (the name older clients used) and resumes them with
+        a Range request through the client's own `http_get`, under the client's blob lock.
+        Xet-stored files go through `hf_hub_download`, whose Xet transfer is chunk-cached.
+        """
+        from filelock import FileLock
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+        from huggingface_hub.file_download import http_get, is_xet_available
+        from huggingface_hub.utils import build_hf_headers
+
+        pointer = self.snapshot(listing) / file.path
+        if pointer.exists():
+            return
+        url = hf_hub_url(listing.repo_id, file.path, revision=listing.commit, endpoint=self.endpoint)
+        meta = get_hf_file_metadata(url, endpoint=self.endpoint, library_name="qvl")
+        if meta.xet_file_data is not None and is_xet_available():
+            hf_hub_download(listing.repo_id, file.path, revision=listing.commit, endpoint=self.endpoint,
+                            cache_dir=str(self.cache), tqdm_class=_tqdm_class(progress, file.path))
+            return
+        etag = meta.etag or file.etag
+        repo_dir = layout.hf_repo_dir(listing.repo_id)
+        blob = repo_dir / "blobs" / str(etag)
+        lock = self.cache / ".locks" / repo_dir.name / f"{etag}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock)):
+            if not blob.exists():
+                partial = blob.with_name(blob.name + ".incomplete")
+                if (layout.file_size(partial) or 0) > (meta.size or file.size):
+                    partial.unlink()  # longer than the file: not a prefix of it
+                with partial.open("ab") as out:
+                    http_get(meta.location, out, resume_size=out.tell(), expected_size=meta.size,
+                             headers=build_hf_headers(library_name="qvl"), displayed_filename=file.path,
+                             tqdm_class=_tqdm_class(progress, file.path))
+                partial.chmod(0o644)
+                os.replace(partial, blob)
+            pointer.parent.mkdir(parents=True, exist_ok=True)
+            if not pointer.exists():
+                _link(blob, pointer)
 
     def discard(self, listing: Listing, file: RemoteFile) -> None:
         link = self.snapshot(listing) / file.path
@@ -226,8 +274,9 @@ class HuggingFace(HubClient):
 class ModelScope(HubClient):
     hub = MS
     label = "ModelScope"
+    verifies_sha256 = True  # download_file(expected_sha256=...) hashes, retries, then raises
     token_hint = "run `modelscope login --token TOKEN` or set MODELSCOPE_API_TOKEN"
-    logger_names = ("modelscope_hub", "modelscope")
+    logger_names = ("modelscope_hub",)
 
     def _endpoint(self) -> str:
         return settings.modelscope_endpoint()
@@ -238,7 +287,12 @@ class ModelScope(HubClient):
     def probe_url(self, repo_id: str) -> str:
         return f"{self.endpoint}/api/v1/models/{repo_id}"
 
+    def load(self) -> None:
+        self._api()
+
     def _api(self):
+        if getattr(self, "_hub_api", None) is not None:
+            return self._hub_api
         from modelscope_hub import HubApi
 
         import modelscope_hub._download as ms_download
@@ -248,7 +302,8 @@ class ModelScope(HubClient):
         # reports progress through the client's progress_callbacks instead.
         if getattr(ms_download, "tqdm", None) is not _SilentBar:
             ms_download.tqdm = _SilentBar
-        return HubApi(endpoint=self.endpoint)
+        self._hub_api = HubApi(endpoint=self.endpoint)
+        return self._hub_api
 
     def listing(self, repo_id: str, revision: str) -> Listing:
         raw = self._api().legacy.list_repo_files(repo_id=repo_id, repo_type="model",
@@ -272,6 +327,16 @@ class ModelScope(HubClient):
         target = self.snapshot(listing) / file.path
         target.unlink(missing_ok=True)
         layout.ms_partial_path(self.snapshot(listing), file).unlink(missing_ok=True)
+
+
+def _link(blob: Path, pointer: Path) -> None:
+    """A relative symlink from the snapshot to the blob, as huggingface_hub makes it (a copy
+    where the file system has no symlinks)."""
+    try:
+        pointer.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(blob, pointer.parent), pointer)
+    except OSError:
+        shutil.copyfile(blob, pointer)
 
 
 def client_for(hub: str) -> HubClient:

@@ -217,20 +217,28 @@ def missing_files(snapshot: Path, files: list[tuple[str, int]]) -> list[str]:
     return [name for name, size in files if file_size(snapshot / name) != size]
 
 
+SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
+
+
 def looks_complete(snapshot: Path) -> bool:
-    """Without any listing: a config, every weight shard its index names, no partial files."""
-    if not (snapshot / "config.json").is_file():
+    """Without any listing (a copy another tool fetched): a config, tokenizer files, the
+    weights, every shard the index names, and no partial files."""
+    names = {p.name for p in snapshot.iterdir()} if snapshot.is_dir() else set()
+    if "config.json" not in names or not names & {"tokenizer.json", "tokenizer_config.json"}:
         return False
-    if any(snapshot.glob("*.incomplete")):
+    if any(n.endswith(".incomplete") for n in names):
         return False
-    for index in snapshot.glob("*.index.json"):
+    indexes = [n for n in names if n.endswith(".index.json")]
+    if any(SHARD_RE.search(n) for n in names) and not indexes:
+        return False  # sharded weights without their index: the download stopped early
+    for index in indexes:
         try:
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            shards = set(json.loads((snapshot / index).read_text()).get("weight_map", {}).values())
         except (OSError, ValueError, AttributeError):
             return False
-        if not shards or any(not (snapshot / s).is_file() for s in shards):
+        if not shards or not shards <= names:
             return False
-    return any(snapshot.glob("*.safetensors")) or any(snapshot.glob("*.bin"))
+    return any(n.endswith((".safetensors", ".bin")) for n in names)
 
 
 def local_copy(hub: str, repo_id: str, revision: str) -> LocalCopy:
@@ -243,11 +251,11 @@ def local_copy(hub: str, repo_id: str, revision: str) -> LocalCopy:
 
 def copy_state(hub: str, repo_id: str, revision: str, snapshot: Path, commit: str | None) -> LocalCopy:
     manifest = read_manifest(hub, repo_id, snapshot.name)
-    if manifest is not None:
+    if manifest is not None:  # qvl's record: the files checked, or (while downloading) the listing
         missing = missing_files(snapshot, [(f["path"], f["size"]) for f in manifest["files"]])
-        state = "partial" if missing else "complete"
-        return LocalCopy(hub, repo_id, revision, snapshot, state, manifest.get("commit") or commit,
-                         manifest, tuple(missing))
+        done = "complete" if manifest.get("complete", True) else "unverified"
+        return LocalCopy(hub, repo_id, revision, snapshot, "partial" if missing else done,
+                         manifest.get("commit") or commit, manifest, tuple(missing))
     listing = hf_tree_listing(repo_id, commit) if hub == HF and commit else None
     if listing is not None:
         missing = missing_files(snapshot, [(f.path, f.size) for f in listing.files])

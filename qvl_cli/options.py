@@ -6,7 +6,6 @@ Spec flags use Xinference's names so that `qvl launch -s 7 -f awq` reads like
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -45,8 +44,9 @@ ContextLength = Annotated[Optional[int], typer.Option(
     "--context-length", min=1, help="Tokens of KV cache to plan memory for (default: the model's "
     "context length, 32768).", rich_help_panel=MEMORY_PANEL, show_default=False)]
 MaxPixels = Annotated[Optional[int], typer.Option(
-    "--max-pixels", min=784, help="Pixel budget of one image: larger images are scaled down to it "
-    "(default: 1280*28*28 = 1003520, i.e. 1,280 visual tokens).", rich_help_panel=MEMORY_PANEL,
+    "--max-pixels", metavar="N", help="Pixel budget of one image or video frame: larger ones "
+    "are scaled down to it (default 1280*28*28 = 1003520, about 1,280 visual tokens, for images; "
+    "768*28*28 and a 24,576-token budget over all frames for videos).", rich_help_panel="Images and videos",
     show_default=False)]
 Force = Annotated[bool, typer.Option(
     "--force", help="Go ahead even when the memory estimate says the model will not fit.",
@@ -54,44 +54,97 @@ Force = Annotated[bool, typer.Option(
 Fit = Annotated[bool, typer.Option(
     "--fit", help="Add the estimated memory of each spec and whether it fits the visible GPUs.")]
 
-# --- downloads and the cache ----------------------------------------------------------
+# --- model location -------------------------------------------------------------------
 
-HUB_PANEL = "Download"
+MODEL_PANEL = "Model location"
 
+ModelPath = Annotated[Optional[str], typer.Option(
+    "--model-path", metavar="DIR", help="Use this local checkpoint folder; download nothing.",
+    rich_help_panel=MODEL_PANEL, show_default=False)]
 Revision = Annotated[Optional[str], typer.Option(
-    "--revision", help="Branch, tag or commit of the repo (default: the catalogue's: a pinned commit "
-    "on Hugging Face, master on ModelScope).", rich_help_panel=HUB_PANEL, show_default=False)]
+    "--revision", metavar="REV", help="Hub revision (branch, tag or commit) instead of the catalogue's.",
+    rich_help_panel=MODEL_PANEL, show_default=False)]
 Offline = Annotated[bool, typer.Option(
-    "--offline", help="Use the local cache only, never the network (same as HF_HUB_OFFLINE=1).",
-    rich_help_panel=HUB_PANEL)]
-Quiet = Annotated[bool, typer.Option(
-    "--quiet", help="No progress display or status lines (errors still go to stderr).",
-    rich_help_panel=HUB_PANEL)]
-ModelPath = Annotated[Optional[Path], typer.Option(
-    "--model-path", help="Use this local model folder as it is; download nothing.",
-    rich_help_panel=HUB_PANEL, show_default=False)]
-Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
-DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
+    "--offline", help="Use the local cache only (like HF_HUB_OFFLINE=1).", rich_help_panel=MODEL_PANEL)]
 
-# --- engine (launch and chat) ---------------------------------------------------------
+# --- engine -----------------------------------------------------------------------------
 
 ENGINE_PANEL = "Engine"
 
 Device = Annotated[str, typer.Option(
-    "--device", metavar="DEVICE", help="auto, cuda or cpu (auto: the GPUs when torch sees any).",
-    rich_help_panel=ENGINE_PANEL)]
+    "--device", metavar="DEVICE", help="auto (CUDA when available), cuda or cpu.", rich_help_panel=ENGINE_PANEL)]
 NGpu = Annotated[Optional[int], typer.Option(
-    "--n-gpu", min=1, help="Spread the model over this many GPUs (default: 1, or as many as --gpu-idx lists).",
+    "--n-gpu", metavar="N", help="Spread the model over the first N GPUs (accelerate device_map).",
     rich_help_panel=ENGINE_PANEL, show_default=False)]
 MaxMemory = Annotated[Optional[str], typer.Option(
-    "--max-memory", metavar="SIZE", help="Weights per GPU when spreading: 20GiB for every GPU, or 0=20GiB,1=30GiB.",
+    "--max-memory", metavar="MEM", help="Memory per GPU for the weights: 20GiB, or 0=20GiB,1=30GiB.",
     rich_help_panel=ENGINE_PANEL, show_default=False)]
 Dtype = Annotated[str, typer.Option(
-    "--dtype", metavar="DTYPE", help="auto, bfloat16, float16 or float32 (auto: bfloat16 on GPUs that have it, "
-    "float16 on older ones and for AWQ, float32 on CPU).", rich_help_panel=ENGINE_PANEL)]
+    "--dtype", metavar="DTYPE", help="auto (bfloat16 on GPUs that support it, else float16; float32 on CPU), "
+    "bfloat16, float16 or float32.", rich_help_panel=ENGINE_PANEL)]
 Attn = Annotated[str, typer.Option(
-    "--attn", metavar="IMPL", help="Attention: auto, sdpa, flash_attention_2 or eager (auto: "
-    "flash_attention_2 when installed and on a GPU, else sdpa).", rich_help_panel=ENGINE_PANEL)]
+    "--attn", metavar="IMPL", help="auto (flash_attention_2 when installed, else sdpa), sdpa, "
+    "flash_attention_2 or eager.", rich_help_panel=ENGINE_PANEL)]
+
+# --- media -------------------------------------------------------------------------------
+
+MEDIA_PANEL = "Images and videos"
+
+Images = Annotated[Optional[list[str]], typer.Option(
+    "--image", "-i", metavar="IMAGE", help="An image: path, file:// or http(s) URL, or data URI. Repeatable.",
+    rich_help_panel=MEDIA_PANEL, show_default=False)]
+Videos = Annotated[Optional[list[str]], typer.Option(
+    "--video", metavar="VIDEO", help="A video file (mp4, webm, mkv, mov, avi) or a folder of frame images. "
+    "Repeatable.", rich_help_panel=MEDIA_PANEL, show_default=False)]
+MinPixels = Annotated[Optional[int], typer.Option(
+    "--min-pixels", metavar="N", help="Smallest pixel count an image or video frame is scaled up "
+    "to (default 4*28*28 for images; 128*28*28 for frames).", rich_help_panel=MEDIA_PANEL, show_default=False)]
+Fps = Annotated[Optional[float], typer.Option(
+    "--fps", metavar="FPS", help="Frames per second sampled from a video (default 2).",
+    rich_help_panel=MEDIA_PANEL, show_default=False)]
+MaxFrames = Annotated[Optional[int], typer.Option(
+    "--max-frames", metavar="N", help="At most this many frames per video (default 768).",
+    rich_help_panel=MEDIA_PANEL, show_default=False)]
+VideoStart = Annotated[Optional[float], typer.Option(
+    "--video-start", metavar="SEC", help="Start of the video clip to use, in seconds.",
+    rich_help_panel=MEDIA_PANEL, show_default=False)]
+VideoEnd = Annotated[Optional[float], typer.Option(
+    "--video-end", metavar="SEC", help="End of the video clip to use, in seconds.",
+    rich_help_panel=MEDIA_PANEL, show_default=False)]
+
+# --- generation ----------------------------------------------------------------------------
+
+GEN_PANEL = "Generation (unset: the checkpoint's generation_config)"
+
+MaxTokens = Annotated[Optional[int], typer.Option(
+    "--max-tokens", metavar="N", help="Most tokens to generate (default 2048, and never past the context length).",
+    rich_help_panel=GEN_PANEL, show_default=False)]
+Temperature = Annotated[Optional[float], typer.Option(
+    "--temperature", metavar="T", help="Sampling temperature; 0 is greedy.", rich_help_panel=GEN_PANEL,
+    show_default=False)]
+TopP = Annotated[Optional[float], typer.Option(
+    "--top-p", metavar="P", help="Nucleus sampling probability mass.", rich_help_panel=GEN_PANEL, show_default=False)]
+TopK = Annotated[Optional[int], typer.Option(
+    "--top-k", metavar="K", help="Sample from the K most likely tokens; 0 turns it off.", rich_help_panel=GEN_PANEL,
+    show_default=False)]
+RepetitionPenalty = Annotated[Optional[float], typer.Option(
+    "--repetition-penalty", metavar="R", help="Penalty above 1 discourages repeats.", rich_help_panel=GEN_PANEL,
+    show_default=False)]
+Seed = Annotated[Optional[int], typer.Option(
+    "--seed", metavar="N", help="Random seed for sampling.", rich_help_panel=GEN_PANEL, show_default=False)]
+Stop = Annotated[Optional[list[str]], typer.Option(
+    "--stop", metavar="TEXT", help="Stop before this text. Repeatable.", rich_help_panel=GEN_PANEL,
+    show_default=False)]
+
+# --- downloads and the cache ----------------------------------------------------------
+
+HUB_PANEL = "Download"
+
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", help="No progress display or status lines (errors still go to stderr).",
+    rich_help_panel=HUB_PANEL)]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
 
 # --- served models (launch, list, terminate, chat) -------------------------------------
 

@@ -39,7 +39,7 @@ def note(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    stderr_console().print(f"[yellow]warning:[/yellow] {escape(message)}")
+    stderr_console().print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def escape(text: str) -> str:
@@ -49,10 +49,10 @@ def escape(text: str) -> str:
 
 
 def error(message: str, hint: str | None) -> None:
-    console = stderr_console()
-    console.print(f"[bold red]error:[/bold red] {escape(message)}")
+    console = stderr_console()  # one line each, never wrapped at the console width
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
     if hint:
-        console.print(f"[dim]hint: {escape(hint)}[/dim]")
+        console.print(f"[dim]hint: {escape(hint)}[/dim]", soft_wrap=True)
 
 
 def table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
@@ -84,3 +84,21 @@ def fit_cells(row: dict[str, Any], shown: bool) -> list[str]:
     size = row.get("memory_bytes")
     fits = {True: "yes", False: "no"}.get(row.get("fits"), "?")
     return ["?" if size is None else f"~{size / (1 << 30):.1f} GiB", fits]
+
+
+class _NoSpinner:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def spinner(message: str, quiet: bool = False):
+    """A spinner on stderr while something slow runs (nothing when quiet or not a terminal)."""
+    console = stderr_console()
+    if quiet or not console.is_terminal:
+        if not quiet:
+            status(message + " ...")
+        return _NoSpinner()
+    return console.status(f"[dim]{escape(message)} ...[/dim]", spinner="dots")

@@ -157,8 +157,7 @@ def _write_json(path: Path, data: dict) -> None:
 def write_tokenizer(out: Path) -> dict[str, int]:
     """tokenizer.json, vocab.json, merges.txt, tokenizer_config.json; returns the special ids."""
     tok = train_tokenizer()
-    ids = _ids()
-    assert all(tok.token_to_id(t) == i for t, i in ids.items()), "special ids out of place"
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     data = json.loads(tok.to_str())
     _write_json(out / "tokenizer.json", data)
     model = data["model"]
@@ -245,7 +244,7 @@ def _checkpoint_name(name: str) -> str:
     return name
 
 
-def random_weights(out: Path, seed: int) -> dict:
+def random_weights(config: dict, seed: int) -> dict:
     """Random bf16 tensors for every parameter, by stored name (lm_head is tied, not stored).
 
     Matrices get std 1/sqrt(fan_in) and the embeddings a small std: with the usual 0.02
@@ -253,9 +252,9 @@ def random_weights(out: Path, seed: int) -> dict:
     echoes the last input token ("\\n\\n\\n..."). This way the greedy output is varied and
     depends on the image; padding rows are zero (never predicted) and <|im_end|> is likelier."""
     import torch
-    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(out)
+    config = Qwen2VLConfig.from_dict(json.loads(json.dumps(config)))  # it edits what it is given
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(config)
     norms = {f"{m_name}.{p_name}" for m_name, module in model.named_modules()
@@ -294,9 +293,10 @@ def save_weights(out: Path, tensors: dict, shards: int) -> None:
     names = sorted(tensors)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     groups: list[list[str]] = [[] for _ in range(shards)]
-    done = 0
-    for name in names:  # fill shards in name order, about total/shards bytes each
-        index = min(shards - 1, done * shards // total)
+    done, index = 0, 0
+    for pos, name in enumerate(names):  # in name order, about total/shards bytes a shard
+        index = min(shards - 1, done * shards // total, index + 1 if groups[index] else index)
+        index = max(index, shards - (len(names) - pos))  # leave a tensor for every later shard
         groups[index].append(name)
         done += tensors[name].numel() * tensors[name].element_size()
     weight_map = {}
@@ -310,16 +310,22 @@ def save_weights(out: Path, tensors: dict, shards: int) -> None:
 
 def make_tiny_model(out_dir: Path, seed: int = 0, shards: int = 1) -> Path:
     """Write the tiny checkpoint into out_dir (created if needed) and return it."""
-    if shards < 1:
+    if shards < 1:  # before the (slower) weights
         raise ValueError("shards must be at least 1")
+    ids = _ids()
+    config = model_config(ids)
+    tensors = random_weights(config, seed)
+    if not 1 <= shards <= len(tensors):
+        raise ValueError(f"shards must be between 1 and {len(tensors)} (the number of tensors)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ids = write_tokenizer(out)
-    _write_json(out / "config.json", model_config(ids))
+    if write_tokenizer(out) != ids:
+        raise RuntimeError("the trained tokenizer put the special tokens elsewhere")
+    _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", generation_config(ids))
     _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
     _write_json(out / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
-    save_weights(out, random_weights(out, seed), shards)
+    save_weights(out, tensors, shards)
     return out
 
 
@@ -329,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.shards < 1:
-        parser.error("--shards must be at least 1")
-    out = make_tiny_model(args.out_dir, seed=args.seed, shards=args.shards)
+    try:
+        out = make_tiny_model(args.out_dir, seed=args.seed, shards=args.shards)
+    except ValueError as error:
+        parser.error(f"--shards: {error}")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out} ({size / 1e6:.2f} MB)", file=sys.stderr)
     return 0

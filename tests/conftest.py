@@ -20,7 +20,10 @@ _CLEARED = ("HF_ENDPOINT", "MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN", "HF_TOKEN
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory, monkeypatch):
     """Point every directory qvl and the hub clients use into a fresh temporary folder."""
-    root = tmp_path_factory.mktemp("home")
+    return _point_home_at(monkeypatch, tmp_path_factory.mktemp("home"))
+
+
+def _point_home_at(monkeypatch, root: Path) -> Path:
     for name in _CLEARED:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(root))
@@ -69,14 +72,22 @@ def _load_make_tiny_model():
     return module
 
 
+def _build_tiny_model(tmp_path_factory, name: str, **options) -> Path:
+    # Session fixtures run before the autouse isolated_env; the build imports transformers and
+    # huggingface_hub (which read HF_HOME etc. at import), so it gets a temporary home too.
+    root = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _point_home_at(monkeypatch, root / "home")
+        return _load_make_tiny_model().make_tiny_model(root / "model", **options)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Qwen2-VL-Instruct checkpoint (single model.safetensors), built once."""
-    return _load_make_tiny_model().make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+    return _build_tiny_model(tmp_path_factory, "tiny-qwen2-vl")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_sharded(tmp_path_factory) -> Path:
     """The same checkpoint (same seed, same weights) in 2 shards with model.safetensors.index.json."""
-    return _load_make_tiny_model().make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-vl-sharded"),
-                                                   shards=2)
+    return _build_tiny_model(tmp_path_factory, "tiny-qwen2-vl-sharded", shards=2)

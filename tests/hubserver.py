@@ -49,12 +49,17 @@ class RepoFile:
 
 @dataclass
 class Repo:
-    files: dict[str, RepoFile]
-    commit: str
+    """A repo's commits (each a file set); the branch points at the last one added."""
+
+    commits: dict[str, dict[str, RepoFile]]
     branch: str
 
-    def revision_ok(self, revision: str) -> bool:
-        return revision in (self.commit, self.branch)
+    @property
+    def head(self) -> str:
+        return list(self.commits)[-1]
+
+    def files(self, revision: str) -> dict[str, RepoFile] | None:
+        return self.commits.get(self.head if revision == self.branch else revision)
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Fault:
     pattern: str  # fnmatch on the request path (files: the file path inside the repo)
     times: int | None  # None: always
     status: int = 0
+    method: str | None = None  # only requests with this method (status faults)
     after: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     hits: int = 0
@@ -113,7 +119,8 @@ class HubServer:
         handler = type("Handler", (_Handler,), {"hub": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -129,12 +136,13 @@ class HubServer:
 
     def add_repo(self, folder: Path, hf_id: str | None = None, ms_id: str | None = None,
                  hf_commit: str | None = None, ms_commit: str | None = None) -> None:
+        """Serve ``folder`` as a commit of the repo(s); adding again adds a newer commit."""
         files = load_repo(folder)
         digest = hashlib.sha1(b"".join(f.sha1.encode() for f in files.values())).hexdigest()
-        if hf_id:
-            self.hf[hf_id] = Repo(files, hf_commit or digest, "main")
-        if ms_id:
-            self.ms[ms_id] = Repo(files, ms_commit or digest[::-1], "master")
+        for table, repo_id, commit, branch in ((self.hf, hf_id, hf_commit or digest, "main"),
+                                               (self.ms, ms_id, ms_commit or digest[::-1], "master")):
+            if repo_id:
+                table.setdefault(repo_id, Repo({}, branch)).commits[commit] = files
 
     def fault(self, kind: str, pattern: str = "*", times: int | None = 1, **kw) -> Fault:
         """Add a fault: status (status=503, headers=...), drop / stall (after=N bytes), corrupt."""
@@ -166,10 +174,11 @@ class HubServer:
                 out.append(req)
         return out
 
-    def _take_fault(self, kinds: tuple[str, ...], target: str) -> Fault | None:
+    def _take_fault(self, kinds: tuple[str, ...], target: str, method: str = "GET") -> Fault | None:
         with self.lock:
             for fault in self.faults:
-                if fault.kind in kinds and fnmatch.fnmatch(target, fault.pattern) and fault.take():
+                if (fault.kind in kinds and fnmatch.fnmatch(target, fault.pattern)
+                        and fault.method in (None, method) and fault.take()):
                     return fault
         return None
 
@@ -180,6 +189,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError):  # a client that went away
+            pass
 
     # --- dispatch ------------------------------------------------------------------------
 
@@ -197,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
                               {k.lower(): v for k, v in self.headers.items()})
         with self.hub.lock:
             self.hub.requests.append(self.record)
-        fault = self.hub._take_fault(("status",), path)
+        fault = self.hub._take_fault(("status",), path, self.command)
         if fault is not None:
             return self._send(fault.status, b"", fault.headers, head=head)
         try:
@@ -262,9 +277,11 @@ class _Handler(BaseHTTPRequestHandler):
         keep = max(0, cut.after - start)
         self.wfile.write(data[:keep])
         self.wfile.flush()
-        if cut.kind == "stall":
+        if cut.kind == "stall":  # pause until the test releases it, then send the rest
             self.hub.stalled.set()
             self.hub.release.wait(60)
+            self.wfile.write(data[keep:])
+            return
         self.close_connection = True
         try:  # a hard close: the client sees the body end early
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -290,14 +307,16 @@ class _Handler(BaseHTTPRequestHandler):
         revision = repo.branch
         if tail[:1] in (["revision"], ["tree"]):
             revision = "/".join(tail[1:]) or repo.branch
-        if not repo.revision_ok(revision):
+        files = repo.files(revision)
+        if files is None:
             return self._json(404, {"error": f"Invalid rev id: {revision}"},
                               {"X-Error-Code": "RevisionNotFound"}, head)
         if tail[:1] == ["tree"]:
-            return self._json(200, [_hf_tree_entry(f) for f in repo.files.values()], head=head)
-        info = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
+            return self._json(200, [_hf_tree_entry(f) for f in files.values()], head=head)
+        commit = repo.head if revision == repo.branch else revision
+        info = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
                 "gated": "manual" if repo_id in self.hub.gated else False,
-                "siblings": [{"rfilename": p} for p in repo.files]}
+                "siblings": [{"rfilename": p} for p in files]}
         return self._json(200, info, head=head)
 
     def _hf_resolve(self, rest: str, head: bool) -> None:
@@ -306,14 +325,15 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             return self._hf_not_found(head)
         revision, _, name = after.partition("/")
-        if not repo.revision_ok(revision):
+        files = repo.files(revision)
+        if files is None:
             return self._json(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"}, head)
-        common = {"X-Repo-Commit": repo.commit}
+        common = {"X-Repo-Commit": repo.head if revision == repo.branch else revision}
         if repo_id in self.hub.gated:
             message = f"Access to model {repo_id} is restricted. You must have access to it and be authenticated."
             return self._json(401, {"error": message},
                               {**common, "X-Error-Code": "GatedRepo", "X-Error-Message": message}, head)
-        file = repo.files.get(name)
+        file = files.get(name)
         if file is None:
             return self._json(404, {"error": "Entry not found"},
                               {**common, "X-Error-Code": "EntryNotFound"}, head)
@@ -335,19 +355,21 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(401, {"Code": 10010205003, "Message": "no permission, please login",
                                     "Success": False}, head=head)
         revision = query.get("Revision", [repo.branch])[0]
-        if not repo.revision_ok(revision):
+        files = repo.files(revision)
+        if files is None:
             return self._json(404, {"Code": 10010205002, "Message": f"revision {revision} not found",
                                     "Success": False}, head=head)
+        commit = repo.head if revision == repo.branch else revision
         tail = parts[3:]
         if tail == ["repo", "files"]:
-            files = [{"Name": f.path.rsplit("/", 1)[-1], "Path": f.path, "Type": "blob",
-                      "Size": len(f.data), "Sha256": f.sha256, "Revision": repo.commit,
-                      "IsLFS": f.lfs} for f in repo.files.values()]
+            listing = [{"Name": f.path.rsplit("/", 1)[-1], "Path": f.path, "Type": "blob",
+                        "Size": len(f.data), "Sha256": f.sha256, "Revision": commit,
+                        "IsLFS": f.lfs} for f in files.values()]
             return self._json(200, {"Code": 200, "Success": True, "Message": "success",
-                                    "Data": {"Files": files}}, head=head)
+                                    "Data": {"Files": listing}}, head=head)
         if tail == ["repo"]:
             name = query.get("FilePath", [""])[0]
-            file = repo.files.get(name)
+            file = files.get(name)
             if file is None:
                 return self._json(404, {"Code": 10010205004, "Message": "file not found",
                                         "Success": False}, head=head)

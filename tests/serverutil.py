@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from .conftest import _CLEARED, qvl_env
+from conftest import _CLEARED, qvl_env
 
 
 def isolated_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:

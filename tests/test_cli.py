@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from qvl_cli import __version__
 from qvl_cli.cli import app, main
 
-from .conftest import REPO, qvl_env, run_qvl
+from conftest import REPO, qvl_env, run_qvl
 
 runner = CliRunner()
 

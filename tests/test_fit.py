@@ -234,7 +234,7 @@ def test_resolve_and_list_specs_import_nothing_heavy(tmp_path):
     import subprocess
     import sys
 
-    from .conftest import qvl_env
+    from conftest import qvl_env
 
     code = ("import sys\nfrom qvl_cli import cli\n"
             "for argv in (['resolve', '-s', 'auto'], ['list-specs', '--fit']):\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .media_fixtures import frame_color, frame_index, make_frames, make_image, make_video
+from media_fixtures import frame_color, frame_index, make_frames, make_image, make_video
 
 
 def test_frame_colours_are_distinct_and_invertible():

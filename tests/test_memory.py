@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from .conftest import qvl_env
+from conftest import qvl_env
 
 from qvl_cli import memory, specs
 from qvl_cli.errors import NoEstimate

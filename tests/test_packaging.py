@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from .conftest import REPO
+from conftest import REPO
 
 pytest.importorskip("hatchling")
 

@@ -20,8 +20,8 @@ import httpx
 import openai
 import pytest
 
-from .media_fixtures import make_frames, make_image, make_video
-from .serverutil import Foreground, isolated_env, server_pids
+from media_fixtures import make_frames, make_image, make_video
+from serverutil import Foreground, isolated_env, server_pids
 
 KEY = "test-key-123"
 UID = "tiny-vl"

@@ -77,6 +77,7 @@ def test_config_ids_match_the_tokenizer(tiny_model):
     assert config["eos_token_id"] == added["<|im_end|>"]
     assert config["model_type"] == "qwen2_vl" and config["torch_dtype"] == "bfloat16"
     assert config["max_position_embeddings"] == 32768
+    assert config["rope_scaling"] == {"type": "mrope", "mrope_section": [2, 3, 3]}  # as published
     assert sum(config["rope_scaling"]["mrope_section"]) * 2 == (
         config["hidden_size"] // config["num_attention_heads"])
     gen = _json(tiny_model / "generation_config.json")
@@ -134,7 +135,7 @@ def test_cli_writes_a_sharded_model_and_rejects_bad_shards(tmp_path):
     script = str(REPO / "scripts" / "make_tiny_model.py")
     bad = subprocess.run([sys.executable, script, str(tmp_path / "bad"), "--shards", "0"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "--shards" in bad.stderr
+    assert bad.returncode == 2 and "--shards" in bad.stderr and not (tmp_path / "bad").exists()
     done = subprocess.run([sys.executable, script, str(tmp_path / "m"), "--seed", "3", "--shards", "3"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
