@@ -15,7 +15,7 @@ import typer
 from . import __version__, render, settings
 from .errors import EXIT_FAILURE, QvlError, UsageError, translate
 from .options import (AllowLocalMedia, AllowRemoteMedia, ApiKey, Attn, ContextLength, Device, DownloadHub,
-                      DryRun, Dtype, Fit, Force, Foreground, Fps, GpuIdx, Host, Images, JsonOutput,
+                      DryRun, Dtype, Endpoint, Fit, Force, Foreground, Fps, GpuIdx, Host, Images, JsonOutput,
                       MaxBodyMb, MaxFrames, MaxMemory, MaxPixels, MaxQueue, MaxTokens, MinPixels,
                       ModelEngine, ModelFormat, ModelName, ModelPath, ModelUid, NGpu, Offline, Port,
                       Quantization, Quiet, RepetitionPenalty, Revision, Seed, SizeInBillions, Stop,
@@ -341,8 +341,8 @@ def launch(
     from . import devices, launcher, memory
 
     key = launcher.default_api_key(api_key)
-    engine = devices.engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn)
     launcher.warn_exposed(host, key)
+    engine = devices.engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn)
     launcher.check_port_free(host, port)
     choice = launcher.choose_model(
         dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,
@@ -406,7 +406,8 @@ def terminate(
     'qvl chat --image photo.jpg "What is in this picture?"',
     'qvl chat -s 7 -f awq --video clip.mp4 --fps 1 "Summarise the clip"',
     "qvl chat --model-path ./my-checkpoint          (interactive; /help inside)",
-    'echo "Describe it" | qvl chat --image x.png --json -'))
+    'echo "Describe it" | qvl chat --image x.png --json -',
+    'qvl chat --model-uid qwen2-vl-instruct-2b-pytorch "Hello"     (a model started with qvl launch)'))
 def chat(
     prompt: Annotated[Optional[str], typer.Argument(
         metavar="PROMPT", help="The question; - reads it from stdin. Without it: an interactive chat.", show_default=False)] = None,
@@ -421,6 +422,7 @@ def chat(
     repetition_penalty: RepetitionPenalty = None, seed: Seed = None, stop: Stop = None,
     device: Device = "auto", gpu_idx: GpuIdx = None, n_gpu: NGpu = None, max_memory: MaxMemory = None,
     dtype: Dtype = "auto", attn: Attn = "auto", force: Force = False,
+    endpoint: Endpoint = None, model_uid: ModelUid = None, api_key: ApiKey = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, usage, timings).")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speed on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Print each image's and video's size, frames "
@@ -443,7 +445,8 @@ def chat(
         system=system, params=GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                seed, tuple(stop or ())),
         engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn),
-        json_output=json_output, stats=stats, verbose=verbose, quiet=quiet)
+        json_output=json_output, stats=stats, verbose=verbose, quiet=quiet,
+        endpoint=endpoint, model_uid=model_uid, api_key=api_key)
     raise typer.Exit(chat_run.run(request))
 
 

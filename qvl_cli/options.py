@@ -169,7 +169,7 @@ Port = Annotated[Optional[int], typer.Option(
 Foreground = Annotated[bool, typer.Option(
     "--foreground", help="Serve in this process until Ctrl-C / SIGTERM (for containers and service "
     "managers) instead of in the background.", rich_help_panel=SERVER_PANEL)]
-AllowLocalMedia = Annotated[Optional[Path], typer.Option(
+AllowLocalMedia = Annotated[Optional[str], typer.Option(
     "--allow-local-media", metavar="DIR", help="Let requests name local files (paths, file:// URLs), only "
     "inside DIR. Default: requests can never read the server's files.", rich_help_panel=SERVER_PANEL,
     show_default=False)]

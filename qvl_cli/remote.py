@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from . import messages as msgs
 from . import registry, settings
-from .errors import QvlError, ServerError, UsageError, one_line
+from .errors import QvlError, ServerError, UsageError, did_you_mean, one_line
 from .generation import Chunk, GenerationParams, Timings, Usage
 
 DEFAULT_TIMEOUT = 600.0  # seconds to wait for a whole answer's next bytes
@@ -181,18 +181,30 @@ class Remote:
                                   max_retries=0, timeout=httpx.Timeout(self.timeout, connect=10.0))
         return self._client
 
+    def listed(self) -> list[str]:
+        """GET /models: the names the server serves (translated errors when it cannot say)."""
+        try:
+            return [m.id for m in self.client.models.list()]
+        except Exception as exc:  # noqa: BLE001 - translated; unknown errors go up unchanged
+            raise translate_api_error(exc, self.target) or exc from None
+
     @property
     def model(self) -> str:
         """The model name to send; asks the server (GET /models) when it was not given."""
         if self._model is None:
-            try:
-                listed = [m.id for m in self.client.models.list()]
-            except Exception as exc:  # noqa: BLE001 - translated below
-                raise translate_api_error(exc, self.target) or exc from None
+            listed = self.listed()
             if not listed:
                 raise ServerError(f"{self.target.base_url} serves no model", "check the server")
             self._model = listed[0]
         return self._model
+
+    def check(self) -> str:
+        """Reach the server now (key, model name): fail before the first question, not after."""
+        listed = self.listed()
+        if self._model is not None and listed and self._model not in listed:
+            raise UsageError(f"{self.target.base_url} has no model {self._model!r}"
+                             f"{did_you_mean(self._model, listed)}", f"it serves: {', '.join(listed)}")
+        return self.model
 
     def __call__(self, messages: list[dict[str, Any]], params: GenerationParams = GenerationParams()
                  ) -> Iterator[Chunk]:
@@ -233,3 +245,16 @@ class Remote:
 
 def respond_for(target: Target) -> Remote:
     return Remote(target)
+
+
+def open_backend(target: Target, quiet: bool = False) -> Any:
+    """A chat Backend (see backends.py) that talks to ``target``; asks for the model name now, so
+    an unreachable server or a wrong key fails before the first question."""
+    from . import render
+    from .backends import Backend
+
+    remote = Remote(target)
+    model = remote.check()
+    if not quiet:
+        render.status(f"talking to {model} at {target.base_url}")
+    return Backend(model, remote, {"model": model, "endpoint": target.base_url, "device": "remote"})

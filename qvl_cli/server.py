@@ -83,6 +83,11 @@ class Ticket:
         self.admission = admission
         self.queue: asyncio.Queue = asyncio.Queue()
 
+    def abandon(self, job: Job) -> None:
+        """The client went away: stop its job and give its place to the next request at once."""
+        job.cancel.set()
+        self.admission.release()
+
     def emit(self, item: Any) -> None:
         if item is DONE:
             self.admission.release()
@@ -125,11 +130,11 @@ def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, 
         return messages, state.engine.prepare(messages)
 
 
-async def _watch_disconnect(request: Any, cancel: threading.Event) -> None:
+async def _watch_disconnect(request: Any, ticket: Ticket, job: Job) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            cancel.set()
+            ticket.abandon(job)
             return
 
 
@@ -155,7 +160,7 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
         return StreamingResponse(_events(state, chat, ticket, job, req_id, started),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    watcher = asyncio.create_task(_watch_disconnect(request, job.cancel))
+    watcher = asyncio.create_task(_watch_disconnect(request, ticket, job))
     answer = Answer()
     try:
         async for chunk in ticket.items():
@@ -168,7 +173,7 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
 
 async def _events(state: ServerState, chat: api.ChatRequest, ticket: Ticket, job: Job,
                   req_id: str, started: float) -> AsyncIterator[bytes]:
-    created, answer = int(time.time()), Answer()
+    created, answer, finished = int(time.time()), Answer(), False
     head = api.chunk(req_id, chat.model, created, {"role": "assistant", "content": ""},
                      include_usage=chat.include_usage)
     try:
@@ -182,15 +187,18 @@ async def _events(state: ServerState, chat: api.ChatRequest, ticket: Ticket, job
         except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
             yield api.sse(api.error_body(api.http_error(translate(exc) or exc)))
             yield api.SSE_DONE
+            finished = True
             return
         yield api.sse(api.chunk(req_id, chat.model, created, finish_reason=answer.finish_reason,
                                 include_usage=chat.include_usage))
         if chat.include_usage and answer.usage is not None:
             yield api.sse(api.chunk(req_id, chat.model, created, usage=answer.usage))
         yield api.SSE_DONE
+        finished = True
         _log_request(chat, answer, started)
     finally:
-        job.cancel.set()  # stops the generation when the client went away; no-op when done
+        if not finished:  # the client went away (or the server is stopping)
+            ticket.abandon(job)
 
 
 def _log_request(chat: api.ChatRequest, answer: Answer, started: float) -> None:

@@ -355,10 +355,14 @@ def test_a_client_gone_before_its_turn_is_skipped(served):
     short = {"model": UID, "messages": TEXT, "max_tokens": 20000, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", f"{served.url}/chat/completions", json=long, timeout=60, headers=headers) as held:
-        next(held.iter_lines())
+        lines = held.iter_lines()  # keep it: a dropped iterator closes the connection
+        next(lines)
         waiting = threading.Thread(target=lambda: _post_and_give_up(served, short, headers), daemon=True)
         waiting.start()
         waiting.join(10)
+        queue = httpx.get(f"{served.base}/health", timeout=10).json()["queue"]
+        assert queue["running"] == 1 and queue["admitted"] == 1  # the one that gave up left its place
+        assert any(next(lines).startswith("data: ") for _ in range(4))  # the held stream still runs
     start = time.monotonic()
     served.ask(max_tokens=2)
     assert time.monotonic() - start < 15
