@@ -41,6 +41,7 @@ class ModelChoice:
     uid: str
     aliases: tuple[str, ...]
     model_format: str
+    gpus: tuple[int, ...] | None = None  # where the fit check placed it (-s auto / no --gpu-idx)
 
 
 def is_loopback(host: str) -> bool:
@@ -90,7 +91,8 @@ def choose_model(spec_flags: dict[str, Any], model_path: str | Path | None, work
     uid = _free_uid(uid or spec.uid)
     local = hub.ensure_local(spec, revision=revision, offline=True if offline else None, quiet=quiet)
     aliases = tuple(dict.fromkeys(s.model_id for s in spec.sources))
-    return ModelChoice(local.path, spec, uid, aliases, spec.model_format)
+    gpus = tuple(g.index for g in result.placement.gpus) if result.placement else None
+    return ModelChoice(local.path, spec, uid, aliases, spec.model_format, gpus)
 
 
 def _free_uid(uid: str) -> str:
@@ -336,8 +338,11 @@ def server_config(choice: ModelChoice, engine: dict[str, Any], host: str, port: 
 
             raise UsageError(f"--allow-local-media {local}: not a folder", "give an existing folder")
         local = str(folder.resolve())
+    engine = {**engine, "model_format": choice.model_format}
+    if choice.gpus and not (engine.get("gpu_idx") or engine.get("n_gpu")) and engine.get("device") != "cpu":
+        engine["gpu_idx"] = list(choice.gpus)  # the GPUs the fit check found room on
     return ServerConfig(uid=choice.uid, model_path=str(choice.path), aliases=choice.aliases, host=host,
-                        port=port or 0, engine={**engine, "model_format": choice.model_format},
+                        port=port or 0, engine=engine,
                         spec=spec_summary(choice.spec), allow_local_media=local,
                         log_file=str(registry.log_path(choice.uid)), **options)
 

@@ -310,7 +310,9 @@ def _load(state: ServerState, server: Any, entry: registry.Entry, announce: Anno
         from .engine import Engine, EngineOptions
 
         announce({"event": "status", "message": f"loading the model from {config.model_path}"})
-        engine = Engine.load(config.model_path, EngineOptions(**config.engine), config.context_length)
+        options = dict(config.engine)
+        options["gpu_idx"] = tuple(options["gpu_idx"]) if options.get("gpu_idx") else None
+        engine = Engine.load(config.model_path, EngineOptions(**options), config.context_length)
         state.ready(engine)
         registry.update(entry, state=registry.RUNNING, gpu_memory_bytes=_gpu_memory(engine),
                         device=engine.plan.describe())

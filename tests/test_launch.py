@@ -149,3 +149,10 @@ def test_terminate_and_list_with_nothing_running():
 def test_wildcard_host_without_key_warns(tiny_model):
     result = run_qvl("launch", "--model-path", str(tiny_model), "--host", "0.0.0.0", "--device", "tpu")
     assert "without an API key" in result.stderr
+
+
+def test_a_spec_that_does_not_fit_is_refused_before_any_download():
+    result = run_qvl("launch", "-s", "72", env={"QVL_FAKE_GPUS": "24GiB"}, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "--force" in result.stderr and "download" not in result.stderr.lower()
+    assert _listed() == []
