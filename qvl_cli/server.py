@@ -313,6 +313,9 @@ def _load(state: ServerState, server: Any, entry: registry.Entry, announce: Anno
         options = dict(config.engine)
         options["gpu_idx"] = tuple(options["gpu_idx"]) if options.get("gpu_idx") else None
         engine = Engine.load(config.model_path, EngineOptions(**options), config.context_length)
+        # One tokenization now sets the fast tokenizer's padding state, so that requests
+        # prepared concurrently never mutate it (the Rust tokenizer's "Already borrowed").
+        engine.prepare([{"role": "user", "content": [{"type": "text", "text": "hello"}]}])
         state.ready(engine)
         registry.update(entry, state=registry.RUNNING, gpu_memory_bytes=_gpu_memory(engine),
                         device=engine.plan.describe())
