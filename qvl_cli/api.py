@@ -40,6 +40,7 @@ class ServerConfig:
     allow_local_media: str | None = None  # a folder; None: no local files at all
     allow_remote_media: bool = False
     max_queue: int = DEFAULT_MAX_QUEUE  # requests admitted at once (running + waiting)
+    max_batch: int = 1  # waiting requests decoded together (same sampling parameters)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     media_timeout: float = DEFAULT_MEDIA_TIMEOUT

@@ -16,7 +16,7 @@ from . import __version__, render, settings
 from .errors import EXIT_FAILURE, QvlError, UsageError, translate
 from .options import (AllowLocalMedia, AllowRemoteMedia, ApiKey, Attn, ContextLength, Device, DownloadHub,
                       DryRun, Dtype, Endpoint, Fit, Force, Foreground, Fps, GpuIdx, Host, Images, JsonOutput,
-                      MaxBodyMb, MaxFrames, MaxMemory, MaxPixels, MaxQueue, MaxTokens, MinPixels,
+                      MaxBatch, MaxBodyMb, MaxFrames, MaxMemory, MaxPixels, MaxQueue, MaxTokens, MinPixels,
                       ModelEngine, ModelFormat, ModelName, ModelPath, ModelUid, NGpu, Offline, Port,
                       Quantization, Quiet, RepetitionPenalty, Revision, Seed, SizeInBillions, Stop,
                       Temperature, TopK, TopP, VideoEnd, Videos, VideoStart, Yes)
@@ -331,6 +331,7 @@ def launch(
     allow_local_media: AllowLocalMedia = None,
     allow_remote_media: AllowRemoteMedia = False,
     max_queue: MaxQueue = 32,
+    max_batch: MaxBatch = 1,
     max_body_mb: MaxBodyMb = 64,
     quiet: Quiet = False,
     json_output: JsonOutput = False,
@@ -352,7 +353,7 @@ def launch(
     config = launcher.server_config(
         choice, asdict(engine), host, port, context_length=context_length, max_pixels=max_pixels,
         allow_local_media=allow_local_media, allow_remote_media=allow_remote_media, max_queue=max_queue,
-        max_body_bytes=max_body_mb * 2**20, foreground=foreground)
+        max_batch=max_batch, max_body_bytes=max_body_mb * 2**20, foreground=foreground)
     show = (lambda entry: render.print_json(entry.to_dict())) if json_output else _show_launched
     if foreground:
         raise typer.Exit(launcher.run_foreground(config, key, on_ready=show))

@@ -10,9 +10,11 @@ The server talks to the model only through :class:`Scheduler`:
 - a job whose ``cancel`` event is set (client gone) is skipped if still waiting, and stops
   generating at the next token if running, so the next request is not stalled.
 
-This is the seam for batched decoding: a batching scheduler keeps ``admit`` / ``submit`` /
-``close`` and replaces ``_take`` (take up to B compatible waiting jobs) and ``_execute``
-(run them together with an engine's batched ``stream``), emitting per job as here.
+Batched decoding lives behind two methods: ``_take`` takes the oldest waiting job plus up to
+``max_batch - 1`` later ones with the same sampling parameters (``params.batch_key()``), and
+``_execute`` runs a single job with ``engine.stream`` or a batch with ``engine.run_jobs``
+(left-padded, each job ending on its own). ``max_batch`` 1 (the default) is one request at a
+time; a smarter policy (continuous batching, a paged cache) replaces these two methods.
 """
 
 from __future__ import annotations
@@ -59,17 +61,19 @@ class Admission:
 
 
 class Scheduler:
-    def __init__(self, engine: Any, max_pending: int = 32) -> None:
+    def __init__(self, engine: Any, max_pending: int = 32, max_batch: int = 1) -> None:
         self.engine = engine
         self.max_pending = max(1, max_pending)
+        self.max_batch = max(1, max_batch)
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._queue: collections.deque[Job] = collections.deque()
         self._admitted = 0
-        self._running: Job | None = None
+        self._running: list[Job] = []
         self._closed = False
         self.completed = 0
         self.failed = 0
+        self.largest_batch = 0
         self._worker = threading.Thread(target=self._loop, name="qvl-scheduler", daemon=True)
         self._worker.start()
 
@@ -100,8 +104,9 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"admitted": self._admitted, "waiting": len(self._queue),
-                    "running": int(self._running is not None), "completed": self.completed,
-                    "failed": self.failed, "max_pending": self.max_pending}
+                    "running": len(self._running), "completed": self.completed,
+                    "failed": self.failed, "max_pending": self.max_pending,
+                    "max_batch": self.max_batch, "largest_batch": self.largest_batch}
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel every waiting and running job and stop the worker."""
@@ -109,43 +114,61 @@ class Scheduler:
             self._closed = True
             for job in self._queue:
                 job.cancel.set()
-            if self._running is not None:
-                self._running.cancel.set()
+            for job in self._running:
+                job.cancel.set()
             self._ready.notify_all()
         self._worker.join(timeout)
 
     # --- the worker -------------------------------------------------------------------------
 
-    def _take(self) -> Job | None:
+    def _take(self) -> list[Job]:
+        """The oldest waiting job, and up to max_batch - 1 later ones it can be decoded with."""
         with self._ready:
             while not self._queue and not self._closed:
                 self._ready.wait()
             if not self._queue:
-                return None
-            self._running = self._queue.popleft()
-            return self._running
+                return []
+            first = self._queue.popleft()
+            batch = [first]
+            if self.max_batch > 1:
+                key = first.params.batch_key()
+                for job in list(self._queue):
+                    if len(batch) >= self.max_batch:
+                        break
+                    if not job.cancel.is_set() and job.params.batch_key() == key:
+                        self._queue.remove(job)
+                        batch.append(job)
+            self._running = batch
+            self.largest_batch = max(self.largest_batch, len(batch))
+            return batch
 
     def _loop(self) -> None:
         while True:
-            job = self._take()
-            if job is None:
+            batch = self._take()
+            if not batch:
                 return
             try:
-                self._execute(job)
+                self._execute([job for job in batch if not job.cancel.is_set()])
             finally:
+                for job in batch:
+                    job.prepared = None  # free the pixel tensors now, not when the response ends
+                    job.emit(DONE)
                 with self._lock:
-                    self._running = None
+                    self._running = []
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, batch: list[Job]) -> None:
         try:
-            if not job.cancel.is_set():
+            if len(batch) == 1:
+                job = batch[0]
                 for chunk in self.engine.stream(job.messages, job.params, prepared=job.prepared,
                                                 cancel=job.cancel):
                     job.emit(chunk)
-            self.completed += 1
-        except BaseException as exc:  # noqa: BLE001 - handed to the request that owns the job
-            self.failed += 1
-            job.emit(exc)
-        finally:
-            job.prepared = None  # free the pixel tensors now, not when the response ends
-            job.emit(DONE)
+            elif batch:
+                jobs = [self.engine.job(j.messages, j.params, j.prepared, j.cancel) for j in batch]
+                for index, chunk in self.engine.run_jobs(jobs):
+                    batch[index].emit(chunk)
+            self.completed += len(batch)
+        except BaseException as exc:  # noqa: BLE001 - handed to the requests that own the jobs
+            self.failed += len(batch)
+            for job in batch:
+                job.emit(exc)

@@ -46,7 +46,7 @@ class ServerState:
         self.prepare_slots = threading.BoundedSemaphore(PREPARE_SLOTS)
 
     def ready(self, engine: Any) -> None:
-        self.scheduler = Scheduler(engine, self.config.max_queue)
+        self.scheduler = Scheduler(engine, self.config.max_queue, self.config.max_batch)
         self.engine = engine
 
     def require_ready(self) -> Scheduler:

@@ -65,7 +65,7 @@ def served(tiny_model, tmp_path_factory):
     env = isolated_env(root)
     proc = Foreground(["--model-path", str(tiny_model), "--device", "cpu", "--model-uid", UID,
                        "--api-key", KEY, "--allow-local-media", str(media), "--max-body-mb", "2",
-                       "--max-queue", "16"], env, root / "server.log")
+                       "--max-queue", "16", "--max-batch", "4"], env, root / "server.log")
     try:
         yield Served(proc.wait_ready(), root, media, proc)
     finally:
@@ -325,7 +325,9 @@ def test_concurrent_clients_get_the_answers_they_would_get_alone(served):
     health = httpx.get(f"{served.base}/health", timeout=10).json()
     assert health["status"] == "ok" and health["queue"]["completed"] == before + 24
     assert health["queue"]["admitted"] == 0
-    print(f"\n24 requests from 8 clients in {seconds:.2f} s: {24 / seconds:.1f} requests/s")
+    assert health["queue"]["largest_batch"] > 1  # --max-batch 4: waiting requests were decoded together
+    print(f"\n24 requests from 8 clients in {seconds:.2f} s: {24 / seconds:.1f} requests/s, "
+          f"largest batch {health['queue']['largest_batch']}")
 
 
 def test_client_disconnect_mid_stream_does_not_stall_the_next_request(served):
