@@ -399,3 +399,49 @@ def test_list_terminate_and_launch_help_import_nothing_heavy(argv):
     proc = subprocess.run([sys.executable, "-c", code], env=qvl_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stderr.strip().splitlines()[-1]) == []
+
+
+class _Params:
+    def __init__(self, key: str, tokens: int = 2) -> None:
+        self.key, self.tokens = key, tokens
+
+    def batch_key(self):
+        return self.key
+
+
+def test_scheduler_batches_waiting_jobs_with_the_same_key():
+    class Batching:
+        def __init__(self):
+            self.batches, self.gate, self.started = [], threading.Event(), threading.Event()
+
+        def job(self, messages, params, prepared, cancel):
+            return messages
+
+        def stream(self, messages, params, prepared=None, cancel=None):
+            self.started.set()
+            self.gate.wait(5)
+            self.batches.append([messages])
+            yield Chunk(finish_reason="stop", usage=Usage(1, 1))
+
+        def run_jobs(self, jobs):
+            self.batches.append(list(jobs))
+            for i, _ in enumerate(jobs):
+                yield i, Chunk(text=f"{i}")
+                yield i, Chunk(finish_reason="stop", usage=Usage(1, 1))
+
+    engine, out = Batching(), {}
+    scheduler = Scheduler(engine, max_batch=3)
+    jobs = {n: _job(n, 0, out) for n in ("first", "a1", "b1", "a2", "a3", "a4", "gone")}
+    for name, job in jobs.items():
+        job.params = _Params("b" if name.startswith("b") else "a")
+        scheduler.submit(job)
+        if name == "first":  # it runs alone (the gate holds it) while the rest queue up
+            assert engine.started.wait(5)
+    jobs["gone"].cancel.set()
+    engine.gate.set()
+    for name in jobs:
+        assert out[name + "_done"].wait(5), name
+    assert engine.batches == [["first"], ["a1", "a2", "a3"], ["b1"], ["a4"]]
+    assert [c.text for c in out["a2"]] == ["1", ""] and out["gone"] == []
+    assert scheduler.stats()["largest_batch"] == 3
+    scheduler.close()
