@@ -142,6 +142,7 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, StreamingResponse
 
+    started = time.monotonic()
     state.check_key(request.headers)
     scheduler = state.require_ready()
     raw = await _read_body(request, state.config.max_body_bytes)
@@ -155,7 +156,7 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
     except BaseException:
         admission.release()
         raise
-    req_id, started = api.new_id(), time.monotonic()
+    req_id = api.new_id()
     if chat.stream:
         return StreamingResponse(_events(state, chat, ticket, job, req_id, started),
                                  media_type="text/event-stream",
