@@ -65,7 +65,7 @@ def load_local(request: LocalRequest, engine_options: Any) -> Backend:
         prepared = engine.prepare(messages)
         if request.verbose:
             for info in prepared.media:
-                render.status(str(info))
+                render.status(info.describe())
         yield from engine.stream(messages, params, prepared=prepared)
 
     return Backend(name, respond, {"model": name, **described})

@@ -66,6 +66,9 @@ class Engine:
         self.context_length = context_length
         self.load_seconds = load_seconds
         self.lock = threading.Lock()  # one generation at a time on one model
+        from .vision import VisionDefaults
+
+        self.vision_defaults = VisionDefaults()  # qvl's defaults: images at most 1280*28*28 pixels
         tokenizer = processor.tokenizer
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
@@ -100,24 +103,24 @@ class Engine:
 
     # --- inputs ---------------------------------------------------------------------------
 
-    def prepare(self, messages: list[dict[str, Any]]) -> Prepared:
-        """Render the chat template, load and size the media, tokenize: the model inputs."""
-        from . import vision
+    def prepare(self, messages: list[dict[str, Any]], policy: Any = None) -> Prepared:
+        """Render the chat template, load and size the media, tokenize: the model inputs.
+
+        ``policy`` (a media.MediaPolicy) limits what the media may be: the server passes
+        its own so that a request cannot read local files; the default allows everything."""
+        from . import media, vision
 
         start = time.perf_counter()
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        images, videos, video_kwargs, infos = vision.prepare_vision(messages)
-        # Qwen2-VL's processor uses fps only to sample frames (done already, do_sample_frames
-        # is off) and its strict kwargs refuse a per-video list; no videos, no video options.
-        video_kwargs = {k: v for k, v in video_kwargs.items() if k != "fps"} if videos else {}
-        inputs = self.processor(text=[text], images=images, videos=videos, padding=True,
-                                return_tensors="pt", **video_kwargs)
+        visual = vision.prepare_vision(messages, self.vision_defaults, policy or media.PERMISSIVE)
+        inputs = self.processor(text=[text], images=visual.images, videos=visual.videos, padding=True,
+                                return_tensors="pt", **visual.processor_kwargs())
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         if prompt_tokens >= self.context_length:
             raise PromptTooLong(
                 f"the prompt is {prompt_tokens} tokens long; the model's context length is {self.context_length}",
                 "shorten the conversation (/clear), or lower --max-pixels / --fps / --max-frames")
-        return Prepared(inputs, prompt_tokens, infos, time.perf_counter() - start)
+        return Prepared(inputs, prompt_tokens, list(visual.infos), time.perf_counter() - start)
 
     # --- generation -----------------------------------------------------------------------
 

@@ -97,9 +97,11 @@ class VideoSource:
 
 
 def _scheme(ref: str) -> str | None:
+    """The URL scheme of ``ref``: only ``data:`` or a ``name://`` prefix counts, so that
+    ``C:\\x.png`` and a file named ``a:b.png`` stay paths."""
     match = _SCHEME.match(ref)
-    if not match or (len(match.group(1)) == 1 and not match.group(2)):
-        return None  # a Windows drive letter, or a plain path
+    if not match or not (match.group(2) or match.group(1).lower() == "data"):
+        return None
     return match.group(1).lower()
 
 
@@ -239,8 +241,17 @@ def _probe(handle: Any, label: str, head: bytes, policy: MediaPolicy) -> tuple[i
     return width, height, fmt
 
 
+_IMAGE_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+                (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
 def _sniff(head: bytes) -> str:
-    """A hint of what a file that is not an image is."""
+    """A hint of what a file that PIL cannot open is."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return " (a WebP header, but the data is truncated or corrupt)"
+    for magic, name in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return f" (a {name} header, but the data is truncated or corrupt)"
     if head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:11] == b"AVI"):
         return " (it looks like a video; pass it as a video)"
     try:

@@ -44,9 +44,9 @@ ContextLength = Annotated[Optional[int], typer.Option(
     "--context-length", min=1, help="Tokens of KV cache to plan memory for (default: the model's "
     "context length, 32768).", rich_help_panel=MEMORY_PANEL, show_default=False)]
 MaxPixels = Annotated[Optional[int], typer.Option(
-    "--max-pixels", metavar="N", help="Pixel budget of one image or video frame: larger ones "
-    "are scaled down to it (default 1280*28*28 = 1003520, about 1,280 visual tokens, for images; "
-    "768*28*28 and a 24,576-token budget over all frames for videos).", rich_help_panel="Images and videos",
+    "--max-pixels", metavar="N", help="Upper bound on the pixels of each image and video frame "
+    "after resizing (default for images: 1003520 = 1280*28*28, about 1,280 visual tokens; video frames: "
+    "602112 = 768*28*28, lowered further for long clips).", rich_help_panel="Images and videos",
     show_default=False)]
 Force = Annotated[bool, typer.Option(
     "--force", help="Go ahead even when the memory estimate says the model will not fit.",
@@ -97,8 +97,8 @@ Videos = Annotated[Optional[list[str]], typer.Option(
     "--video", metavar="VIDEO", help="A video file (mp4, webm, mkv, mov, avi) or a folder of frame images. "
     "Repeatable.", rich_help_panel=MEDIA_PANEL, show_default=False)]
 MinPixels = Annotated[Optional[int], typer.Option(
-    "--min-pixels", metavar="N", help="Smallest pixel count an image or video frame is scaled up "
-    "to (default 4*28*28 for images; 128*28*28 for frames).", rich_help_panel=MEDIA_PANEL, show_default=False)]
+    "--min-pixels", metavar="N", help="Lower bound on the pixels of each image and video frame "
+    "after resizing (default: 3136 for images, 100352 for video frames).", rich_help_panel=MEDIA_PANEL, show_default=False)]
 Fps = Annotated[Optional[float], typer.Option(
     "--fps", metavar="FPS", help="Frames per second sampled from a video (default 2).",
     rich_help_panel=MEDIA_PANEL, show_default=False)]

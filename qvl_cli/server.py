@@ -125,9 +125,10 @@ def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, 
     """Check and decode the media with the server's policy, then tokenize (a worker thread)."""
     from .server_media import RequestMedia, policy_for
 
-    with state.prepare_slots, RequestMedia(policy_for(state.config)) as media:
-        messages = media.resolve(chat.messages)
-        return messages, state.engine.prepare(messages)
+    policy = policy_for(state.config)
+    with state.prepare_slots, RequestMedia(policy) as media:
+        messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
+        return messages, state.engine.prepare(messages, policy)
 
 
 async def _watch_disconnect(request: Any, ticket: Ticket, job: Job) -> None:

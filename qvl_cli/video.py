@@ -19,7 +19,6 @@ PyAV, numpy and torch are imported inside the functions.
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,6 @@ class VideoProbe:
     codec: str
     container: str
 
-    def estimated_frames(self) -> int:
-        if self.frames > 0:
-            return self.frames
-        return int(self.fps * self.duration) if self.duration else 0
-
 
 def _ffmpeg_errors() -> tuple[type[BaseException], ...]:
     import av
@@ -54,17 +48,24 @@ def _ffmpeg_errors() -> tuple[type[BaseException], ...]:
     return (av.error.FFmpegError, OSError, ValueError, EOFError)
 
 
+def _reason(exc: BaseException) -> str:
+    """FFmpeg's reason without the errno and file name PyAV wraps it in."""
+    return one_line(getattr(exc, "strerror", None) or exc, 100)
+
+
 def _open(path: Path):
     import av
 
     try:
         container = av.open(str(path), metadata_errors="ignore")
+    except EOFError:
+        raise MediaError(f"{path} has no frames (an empty video)", "pass a video with frames") from None
     except _ffmpeg_errors() as exc:
-        raise MediaError(f"{path} is not a readable video: {one_line(exc, 120)}",
+        raise MediaError(f"{path} is not a readable video ({_reason(exc)})",
                          "pass an mp4, webm, mkv, mov or avi file") from None
     if not container.streams.video:
         container.close()
-        raise MediaError(f"{path} has no video stream", "pass a file that contains video")
+        raise MediaError(f"{path} has no video stream (or no frames)", "pass a file that contains video")
     if container.format.name in IMAGE_FORMATS:
         container.close()
         raise MediaError(f"{path} is an image, not a video",
@@ -126,21 +127,25 @@ class _Timeline:
         return self.start + round(index * self.step)
 
 
+_KEYFRAME, _DISCARD = 1, 2  # AVINDEX_* flags of an index entry
+
+
 def _fast_timeline(stream, total: int, fps: float) -> _Timeline | None:
     """A constant-rate timeline read from the container's index, or None when unsure."""
     entries = getattr(stream, "index_entries", None)
     if entries is None or total <= 1 or len(entries) != total or fps <= 0:
         return None
-    stamps = [e.timestamp for e in entries]
-    if any(e.is_discard for e in entries):
+    pairs = [(e.timestamp, e.flags) for e in entries]  # one pass: each access builds an object
+    if any(flags & _DISCARD for _, flags in pairs):
         return None
+    stamps = [stamp for stamp, _ in pairs]
     delta = stamps[1] - stamps[0]
-    if delta <= 0 or any(b - a != delta for a, b in zip(stamps, stamps[1:])):
+    if delta <= 0 or stamps != list(range(stamps[0], stamps[0] + delta * total, delta)):
         return None
     if abs(delta * float(stream.time_base) * fps - 1.0) > 1e-3:
         return None
     start = stream.start_time if stream.start_time is not None else stamps[0]
-    keys = tuple(e.timestamp for e in entries if e.is_keyframe)
+    keys = tuple(stamp for stamp, flags in pairs if flags & _KEYFRAME)
     return _Timeline(total=total, fps=fps, keyframes=keys, start=start, step=float(delta))
 
 
@@ -175,60 +180,104 @@ class _TimelineMismatch(Exception):
 
 
 class _Seeker:
-    """Decodes the frames at increasing timestamps, seeking only past key frames."""
+    """Decodes the frames at increasing timestamps of a VideoFile, seeking only past key frames.
 
-    def __init__(self, container, stream, timeline: _Timeline) -> None:
-        self.container, self.stream, self.timeline = container, stream, timeline
-        self.codec = stream.codec_context
+    After a seek, decoding starts at the first key frame packet, which must be shown at
+    or before the target (MPEG-TS and MPEG-PS seek to any packet near the time; a key
+    frame may be shown after frames that follow it in decode order); if it is not, the
+    key frames known before the target are tried; if none works, the file is reopened
+    and decoded forward from the start, without further seeks (slow, still exact).
+    """
+
+    def __init__(self, video: VideoFile) -> None:
+        self.video, self.timeline = video, video.timeline
         self.source = None  # generator of decoded frames from the current position
         self.target = 0
         self.last_pts: int | None = None
+        self.sequential = False  # seeking proved unreliable: only decode forward
+        self.from_start = False  # the current decoding began at the start of the file
+        self.seeks = self.retries = self.restarts = 0  # for tests and benchmarks
 
     def _needs_seek(self) -> bool:
         if self.source is None or self.last_pts is None or self.last_pts >= self.target:
             return True
+        if self.sequential:
+            return False
         keys = self.timeline.keyframes
         i = bisect.bisect_right(keys, self.last_pts)
         return i < len(keys) and keys[i] <= self.target
 
+    def _seek_points(self):
+        yield self.target
+        keys = self.timeline.keyframes
+        i = bisect.bisect_right(keys, self.target)
+        yield from reversed(keys[max(0, i - 3):i])  # the last key frames at or before the target
+
+    def _land(self, timestamp: int) -> tuple[Any, Any] | None:
+        """Seek near ``timestamp`` and find the first key frame packet from there:
+        (that packet, packet iterator), or None when it is shown after the target."""
+        container, stream = self.video.container, self.video.stream
+        try:
+            container.seek(timestamp, stream=stream, backward=True, any_frame=False)
+            packets = container.demux(stream)
+            head = next((p for p in packets if p.size > 0 and p.is_keyframe), None)
+        except _ffmpeg_errors():
+            return None
+        if head is None or (head.pts is not None and head.pts > self.target):
+            return None
+        return head, packets
+
     def _seek(self) -> None:
-        """Seek to the key frame before the target; step back while the key frame we land
-        on is shown after the target (seek tables may hold decode, not display, times)."""
-        seek_to, previous = self.target, None
-        for _ in range(32):
-            self.container.seek(seek_to, stream=self.stream, backward=True, any_frame=False)
-            packets = self.container.demux(self.stream)
-            head = next((p for p in packets if p.size > 0), None)
-            late = head is not None and head.pts is not None and head.pts > self.target
-            if not late or head.dts is None or head.dts == previous:
-                break
-            previous, seek_to = head.dts, min(seek_to, head.dts) - 1
-        self.source = self._decode(head, packets)
-        self.last_pts = None
+        if not self.sequential:
+            for timestamp in self._seek_points():
+                landed = self._land(timestamp)
+                if landed is not None:
+                    self.source, self.last_pts, self.from_start = self._decode(*landed), None, False
+                    return
+                self.retries += 1
+        self._restart()
+
+    def _restart(self) -> None:
+        """Reopen the file and decode from its start; after two restarts, stop seeking."""
+        self.restarts += 1
+        self.sequential = self.restarts >= 2
+        self.video.reopen()
+        self.source = self._decode(None, self.video.container.demux(self.video.stream))
+        self.last_pts, self.from_start = None, True
 
     def _decode(self, head, packets):
+        codec = self.video.stream.codec_context
         for packet in _chain(head, packets):
             if packet.pts is not None and packet.size > 0 and packet.pts < self.target:
-                self.codec.skip_frame = "NONREF"  # not shown at the target, not referenced
+                codec.skip_frame = "NONREF"  # not shown at the target, not referenced
             else:
-                self.codec.skip_frame = "DEFAULT"
+                codec.skip_frame = "DEFAULT"
             yield from packet.decode()
 
-    def frame_at(self, target: int):
-        """The first frame shown at or after ``target``, or None past the end."""
-        self.target = target
-        if self._needs_seek():
-            self._seek()
+    def _forward(self, target: int):
         for frame in self.source:
             if frame.pts is None:
                 continue
             self.last_pts = frame.pts
             if frame.pts >= target:
-                if frame.pts != target and self.timeline.exact is None:
-                    raise _TimelineMismatch
                 return frame
         self.source = None
         return None
+
+    def frame_at(self, target: int):
+        """The frame shown at ``target`` (or the first one after it, or None past the end)."""
+        self.target = target
+        if self._needs_seek():
+            self.seeks += 1
+            self._seek()
+        frame = self._forward(target)
+        if frame is None or frame.pts != target:
+            if self.timeline.exact is None:
+                raise _TimelineMismatch
+            if not self.from_start:  # a bad seek (unreliable key frame flags): from the start
+                self._restart()
+                frame = self._forward(target)
+        return frame
 
 
 def _chain(head, rest):
@@ -261,8 +310,17 @@ class VideoFile:
     def __exit__(self, *exc: object) -> None:
         self.container.close()
 
+    def reopen(self) -> None:
+        """Close and open the file again: reading restarts at its beginning."""
+        self.container.close()
+        self.container = _open(self.path)
+        self.stream = self.container.streams.video[0]
+
     def _decode(self, indices: list[int]) -> dict[int, Any]:
-        seeker = _Seeker(self.container, self.stream, self.timeline)
+        from av.video.reformatter import VideoReformatter
+
+        seeker = self.seeker = _Seeker(self)
+        to_rgb = VideoReformatter()  # one converter for all frames: its context is reused
         frames: dict[int, Any] = {}
         for index in sorted(set(indices)):
             frame = seeker.frame_at(self.timeline.pts(index))
@@ -270,7 +328,7 @@ class VideoFile:
                 raise MediaError(f"{self.path}: frame {index} of {self.total} could not be decoded "
                                  "(truncated or corrupt video)",
                                  "re-encode the file, or pick an earlier range with --video-end")
-            frames[index] = frame.to_ndarray(format="rgb24")
+            frames[index] = to_rgb.reformat(frame, format="rgb24").to_ndarray()
         return frames
 
     def read(self, indices: list[int]) -> Any:
@@ -283,11 +341,12 @@ class VideoFile:
         try:
             try:
                 frames = self._decode(indices)
-            except _TimelineMismatch:
+            except _TimelineMismatch:  # reopen: the packet pass must start at the beginning
+                self.reopen()
                 self.timeline = _scanned_timeline(self.container, self.stream, self.total, self.fps)
                 frames = self._decode(indices)
         except _ffmpeg_errors() as exc:
-            raise MediaError(f"{self.path} could not be decoded: {one_line(exc, 120)}",
+            raise MediaError(f"{self.path} could not be decoded, truncated or corrupt? ({_reason(exc)})",
                              "check that the file plays, or re-encode it") from None
         return torch.from_numpy(np.stack([frames[i] for i in indices])).permute(0, 3, 1, 2)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import settings, sizing
-from .errors import MediaError
+from .errors import MediaError, one_line
 from .media import PERMISSIVE, ImageSource, MediaPolicy, VideoSource, resolve_image, resolve_video
 
 SIZING_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "total_pixels")
@@ -130,10 +130,21 @@ class VisionInfo:
 
 
 class VisionInputs(NamedTuple):
+    """What process_vision_info(..., return_video_kwargs=True) returns, plus the infos."""
+
     images: list[Any] | None
     videos: list[Any] | None
-    video_kwargs: dict[str, Any]
+    video_kwargs: dict[str, Any]  # {"do_sample_frames": False, "fps": [one per video]}
     infos: list[VisionInfo]
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """The video kwargs to pass to a transformers 5.x Qwen2-VL processor.
+
+        transformers 5.23 validates ``fps`` as one number and rejects qwen-vl-utils' list
+        (StrictDataclassFieldValidationError); with ``do_sample_frames=False`` Qwen2-VL's
+        tensors do not depend on fps (checked in tests), so it is left out.
+        """
+        return {k: v for k, v in self.video_kwargs.items() if k != "fps"}
 
 
 def vision_items(messages: Iterable[Any]) -> list[dict[str, Any]]:
@@ -201,7 +212,7 @@ def load_rgb(source: ImageSource) -> Any:
     except MediaError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
-        raise MediaError(f"{source.source} could not be decoded: {exc}", "re-save the image") from None
+        raise MediaError(f"{source.source} could not be decoded: {one_line(exc, 120)}", "re-save the image") from None
 
 
 def load_image_item(item: Mapping[str, Any], defaults: VisionDefaults,
@@ -276,3 +287,29 @@ def image_plan(source: ImageSource, defaults: VisionDefaults | None = None,
     height, width = sizing.image_size(source.width, source.height, opts)
     return VisionInfo("image", source.source, source.width, source.height, width, height,
                       sizing.visual_tokens(height, width))
+
+
+def video_plan(source: VideoSource, defaults: VisionDefaults | None = None,
+               item: Mapping[str, Any] | None = None) -> VisionInfo:
+    """Frames, size and tokens a video will have, from its metadata alone (no decoding).
+
+    Exact for files whose container records the frame count (mp4, mov, avi) and for frame
+    lists; for Matroska/WebM the count is estimated from the duration.
+    """
+    item = item or {}
+    opts = _item_opts(item, (defaults or VisionDefaults()).video_opts(item), SIZING_KEYS + VIDEO_KEYS)
+    if source.kind == "frames":
+        count = sizing.padded_frames(len(source.frames))
+        frame_opts = {k: v for k, v in opts.items() if k in SIZING_KEYS}
+        height, width = sizing.image_size(source.width, source.height, frame_opts, patch_size=sizing.FACTOR)
+        total, fps, sample_fps = None, None, float(opts.get("sample_fps", FRAME_LIST_FPS))
+    else:
+        fps = source.fps or 0.0
+        total = source.total_frames or int(fps * (source.duration or 0))
+        first, last, total = sizing.frame_range(total, fps, opts.get("video_start"), opts.get("video_end"))
+        count = sizing.sample_count(total, fps, opts)
+        height, width, sample_fps = source.height, source.width, sizing.sample_fps(count, total, fps)
+    new_h, new_w = sizing.video_frame_size(count, width, height, opts)
+    return VisionInfo("video", source.source, source.width, source.height, new_w, new_h,
+                      sizing.visual_tokens(new_h, new_w, count), frames=count, total_frames=total,
+                      fps=fps, sample_fps=sample_fps)

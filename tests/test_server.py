@@ -254,7 +254,10 @@ def test_body_and_pixel_limits(served, tmp_path):
     too_big = {"model": UID, "messages": [{"role": "user", "content": "x" * (3 * 2**20)}]}
     response = served.post(too_big)
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
-    bomb = make_image(tmp_path / "bomb.png", 8000, 8000, (0, 0, 0))  # 64 MP, a few KB compressed
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (8000, 8000)).save(bomb)  # 64 MP, a few KB compressed
     response = served.post({"model": UID, "messages": [{"role": "user", "content": [
         _image_part(data_uri(bomb, "image/png"))]}]})
     assert response.status_code == 400 and "megapixels" in response.json()["error"]["message"]

@@ -48,7 +48,7 @@ def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
     return {"red": make_image(root / "red.png", 64, 48, (220, 20, 20)),
             "blue": make_image(root / "blue.jpg", 100, 80, (20, 20, 220)),
-            "clip": make_video(root / "clip.mp4", seconds=2, fps=8, w=64, h=48),
+            "clip": make_video(root / "clip.mp4", seconds=2, fps=8, width=64, height=48),
             "frames": make_frames(root / "frames", 6, 64, 48)}
 
 
