@@ -53,7 +53,7 @@ def load_engine(request: LocalRequest, engine_options: Any) -> tuple[Any, str]:
     context = request.spec.family.context_length if request.spec is not None else None
     with render.spinner(f"loading {name}", quiet=request.quiet):
         engine = Engine.load(local.path, engine_options, context_length=context)
-    for note in engine.plan.notes:
+    for note in engine.notes:
         render.warn(note)
     if not request.quiet:
         described = engine.describe()

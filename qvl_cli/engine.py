@@ -13,11 +13,11 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import devices
+from . import devices, quant
 from .errors import EngineError, PromptTooLong, translate
 from .generation import DEFAULT_MAX_TOKENS, Chunk, GenerationParams, TokenStream
 
@@ -58,8 +58,9 @@ class Job:
 
 class Engine:
     def __init__(self, model: Any, processor: Any, plan: devices.Plan, path: Path,
-                 context_length: int, load_seconds: float) -> None:
+                 context_length: int, load_seconds: float, notes: tuple[str, ...] = ()) -> None:
         self.model = model
+        self.notes = notes  # what the user should know about how it runs (print them on stderr)
         self.processor = processor
         self.plan = plan
         self.path = path
@@ -82,16 +83,24 @@ class Engine:
              context_length: int | None = None) -> Engine:
         path = Path(path)
         start = time.perf_counter()
+        quantized = quant.inspect(path)  # AWQ / GPTQ, whatever --model-format said
+        if quantized:  # the packages first, before torch is imported; the CPU kernels below
+            quant.require_backend(quantized.method, "cpu" if options.device == "cpu" else "cuda")
+            options = replace(options, model_format=quantized.method)
         _quiet_libraries()
         import torch
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
         plan = devices.plan(torch, options)
+        notes = list(plan.notes)
         try:
+            extra = _quantized_load_kwargs(path, quantized, plan, notes) if quantized else {}
             model = Qwen2VLForConditionalGeneration.from_pretrained(
-                path, dtype=plan.dtype, attn_implementation=plan.attn, **plan.load_kwargs)
+                path, dtype=plan.dtype, attn_implementation=plan.attn, **plan.load_kwargs, **extra)
             if plan.device_map is None:
                 model.to(plan.device)
+            if quantized and not plan.gpus:
+                quant.drop_compiled_kernels(model)
             model.eval()
             processor = AutoProcessor.from_pretrained(path)
         except (OSError, ValueError, KeyError, RuntimeError, ImportError, NameError) as exc:
@@ -99,7 +108,7 @@ class Engine:
                 f"cannot load the model from {path}: {type(exc).__name__}: {_first_line(exc)}",
                 "check that the folder holds a complete Qwen2-VL checkpoint (`qvl verify`)") from exc
         context = context_length or getattr(model.config.get_text_config(), "max_position_embeddings", 32768)
-        return cls(model, processor, plan, path, context, time.perf_counter() - start)
+        return cls(model, processor, plan, path, context, time.perf_counter() - start, tuple(notes))
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -267,7 +276,7 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "device": self.plan.describe(), "dtype": self.plan.dtype_name,
                 "attn": self.plan.attn, "context_length": self.context_length,
-                "load_seconds": round(self.load_seconds, 2)}
+                "load_seconds": round(self.load_seconds, 2), "notes": list(self.notes)}
 
 
 class _QueueStreamer:
@@ -305,6 +314,45 @@ def _cancel_criteria(cancel: threading.Event):
                               device=input_ids.device)
 
     return StoppingCriteriaList([Cancelled()])
+
+
+def _quantized_load_kwargs(path: Path, quantized: quant.Quantized, plan: devices.Plan,
+                           notes: list[str]) -> dict[str, Any]:
+    """Check the backend for the planned device, import it quietly, and return the
+    ``from_pretrained`` arguments: the config with the normalised quantization config."""
+    from transformers import AutoConfig
+
+    backend = quant.require_backend(quantized.method, "cuda" if plan.gpus else "cpu")
+    notes += [*quantized.notes, *backend.notes]
+    _import_quant_backend(quantized.method)
+    config = AutoConfig.from_pretrained(path)
+    config.quantization_config = quantized.load_config(on_gpu=bool(plan.gpus))
+    return {"config": config}
+
+
+def _import_quant_backend(method: str) -> None:
+    """Import gptqmodel (and optimum) with its start-up banner and logs kept off stdout.
+
+    gptqmodel prints a banner, environment changes and warnings on stdout when imported,
+    where qvl's answers go. They are dropped (shown on stderr with QVL_DEBUG=1), and its
+    logger is then kept to errors. Called after the device plan, so that the
+    CUDA_DEVICE_ORDER it sets for its own use does not renumber the GPUs qvl planned on.
+    """
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import sys
+
+    from . import settings
+
+    debug = settings.debug()
+    with contextlib.redirect_stdout(sys.stderr if debug else io.StringIO()):
+        importlib.import_module("gptqmodel")
+        if method == "gptq":
+            importlib.import_module("optimum.gptq")
+    if not debug:
+        logging.getLogger("logbar").setLevel(logging.ERROR)
 
 
 def _first_line(exc: BaseException) -> str:

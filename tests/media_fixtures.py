@@ -71,6 +71,18 @@ def make_frames(folder: str | Path, count: int, width: int = 64, height: int = 4
     return paths
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG (signature, IHDR, IEND) that claims width x height pixels and holds none:
+    what a decompression bomb looks like to a header probe."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 

@@ -7,16 +7,14 @@ import http.server
 import os
 import random
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
-from media_fixtures import data_uri, make_image
+from media_fixtures import data_uri, make_image, png_header
 
 from qvl_cli import settings, sizing
 from qvl_cli.errors import EXIT_USAGE, MediaError
@@ -215,13 +213,6 @@ def test_visual_tokens_match_the_processor_grid():
 # --- bad input -----------------------------------------------------------------------------
 
 
-def _png_header(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IEND", b""))
-
-
 def _error(ref, policy=MediaPolicy(), fn=resolve_image) -> MediaError:
     with pytest.raises(MediaError) as info:
         fn(ref, policy)
@@ -247,9 +238,9 @@ def test_bad_local_images_give_one_line_errors(media_dir, tmp_path):
 
 
 def test_decompression_bombs_are_refused_from_the_header(tmp_path):
-    (tmp_path / "bomb.png").write_bytes(_png_header(100_000, 100_000))  # PIL's own error
+    (tmp_path / "bomb.png").write_bytes(png_header(100_000, 100_000))  # PIL's own error
     assert "pixels" in _error(str(tmp_path / "bomb.png")).message
-    (tmp_path / "big.png").write_bytes(_png_header(10_000, 10_000))  # above qvl's limit only
+    (tmp_path / "big.png").write_bytes(png_header(10_000, 10_000))  # above qvl's limit only
     error = _error(str(tmp_path / "big.png"))
     assert "10000x10000 = 100 megapixels, above the limit of 89 megapixels" in error.message
     small = make_image(tmp_path / "small.png", 64, 48)
