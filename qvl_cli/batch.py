@@ -33,6 +33,8 @@ class BatchRequest:
     offline: bool = False
     force: bool = False
     endpoint: str | None = None
+    model_uid: str | None = None  # a model started with `qvl launch` (or the model's name at --endpoint)
+    api_key: str | None = None
     batch_size: str | None = None  # a number, or auto / None
     media_flags: dict[str, Any] = field(default_factory=dict)
     params: GenerationParams = GenerationParams()
@@ -51,7 +53,7 @@ def run(request: BatchRequest) -> int:
 
     params = request.params.validated()
     size = batch_plan.parse_batch_size(request.batch_size)
-    _check_sources(request)
+    target = _target(request)
     image_opts, video_opts = image_video_options(request.media_flags)
     items = batch_io.read_input(request.input, params, image_opts, video_opts)
     if not items:
@@ -67,7 +69,7 @@ def run(request: BatchRequest) -> int:
             render.status(f"nothing to do: all {len(items)} requests are answered in {request.output}")
             return EXIT_OK
         with Progress(tally, quiet=request.quiet) as progress:
-            _answer(request, todo, size, _writer(output, tally, progress, request.fail_fast), tally)
+            _answer(request, target, todo, size, _writer(output, tally, progress, request.fail_fast), tally)
     except _FailFast:
         render.status(f"stopped at the first failure (--fail-fast); {tally.summary(interrupted=True)}")
         return EXIT_FAILURE
@@ -82,12 +84,16 @@ def run(request: BatchRequest) -> int:
     return EXIT_FAILURE if tally.failed else EXIT_OK
 
 
-def _check_sources(request: BatchRequest) -> None:
-    spec_given = any(v is not None for v in request.spec_flags.values())
-    if request.endpoint and (request.model_path or (spec_given and set(
-            k for k, v in request.spec_flags.items() if v is not None) - {"model_name"})):
-        raise UsageError("--endpoint sends the requests to a server: spec flags and --model-path do not apply",
-                         "drop them, or drop --endpoint to load the model here")
+def _target(request: BatchRequest) -> Any:
+    """The server to send the requests to (remote.pick_target, as `qvl chat` picks it), or
+    None to load the model here. Spec flags and --model-path do not mix with a server."""
+    from . import remote
+
+    in_process = request.model_path is not None or any(v is not None for v in request.spec_flags.values())
+    if in_process and (request.endpoint or request.model_uid):
+        raise UsageError("--endpoint / --model-uid send the requests to a server: spec flags and --model-path "
+                         "do not apply", "drop them, or drop --endpoint / --model-uid to load the model here")
+    return remote.pick_target(request.endpoint, request.model_uid, request.api_key, in_process)
 
 
 def _writer(output: batch_io.Output, tally: Tally, progress: Progress, fail_fast: bool):
@@ -101,7 +107,8 @@ def _writer(output: batch_io.Output, tally: Tally, progress: Progress, fail_fast
     return emit
 
 
-def _answer(request: BatchRequest, todo: list[Request | BadLine], size: int | None, emit, tally: Tally) -> None:
+def _answer(request: BatchRequest, target: Any, todo: list[Request | BadLine], size: int | None, emit,
+            tally: Tally) -> None:
     """Write the bad lines' records, then answer the rest locally or through the endpoint."""
     good = [item for item in todo if isinstance(item, Request)]
     for item in todo:
@@ -109,11 +116,11 @@ def _answer(request: BatchRequest, todo: list[Request | BadLine], size: int | No
             emit(record(item.id, error=item.error))
     if not good:
         return
-    if request.endpoint:
+    if target is not None:
         from . import batch_remote
 
-        batch_remote.run(request.endpoint, request.spec_flags.get("model_name"), good,
-                         size or batch_plan.REMOTE_CONCURRENCY, emit, quiet=request.quiet)
+        tally.started = _now()
+        batch_remote.run(target, good, size or batch_plan.REMOTE_CONCURRENCY, emit, quiet=request.quiet)
         return
     from . import batch_local
 

@@ -455,7 +455,7 @@ def chat(
 @app.command(epilog=examples(
     "qvl batch requests.jsonl -o answers.jsonl --max-tokens 128",
     "qvl batch requests.jsonl -o answers.jsonl -s 7 -f awq --batch-size 16 --max-pixels 401408",
-    "qvl batch requests.jsonl -o answers.jsonl --endpoint http://127.0.0.1:8000/v1",
+    "qvl batch requests.jsonl -o answers.jsonl --endpoint http://127.0.0.1:8000/v1 --batch-size 16",
     'input lines: {"id": "a1", "messages": [{"role": "user", "content": [{"type": "image_url", '
     '"image_url": {"url": "cat.jpg"}}, {"type": "text", "text": "Caption it."}]}], "max_tokens": 64}'))
 def batch(
@@ -467,9 +467,7 @@ def batch(
     model_name: ModelName = None, model_engine: ModelEngine = None, size_in_billions: SizeInBillions = None,
     model_format: ModelFormat = None, quantization: Quantization = None, download_hub: DownloadHub = None,
     model_path: ModelPath = None, revision: Revision = None, offline: Offline = False,
-    endpoint: Annotated[Optional[str], typer.Option(
-        "--endpoint", metavar="URL", help="Send the requests to this OpenAI-compatible server instead of loading "
-        "a model (e.g. http://127.0.0.1:8000/v1).", rich_help_panel="Model location", show_default=False)] = None,
+    endpoint: Endpoint = None, model_uid: ModelUid = None, api_key: ApiKey = None,
     batch_size: Annotated[str, typer.Option(
         "--batch-size", metavar="N|auto", help="Requests decoded together (with --endpoint: sent at once). auto: "
         "from the memory estimate and the free GPU memory; 4 on CPU; 8 in flight with --endpoint.")] = "auto",
@@ -493,8 +491,9 @@ def batch(
         spec_flags=dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,
                         model_format=model_format, quantization=quantization, hub=download_hub),
         model_path=model_path, revision=revision, offline=offline, force=force, endpoint=endpoint,
-        batch_size=batch_size, media_flags=dict(min_pixels=min_pixels, max_pixels=max_pixels, fps=fps,
-                                                max_frames=max_frames, video_start=video_start, video_end=video_end),
+        model_uid=model_uid, api_key=api_key, batch_size=batch_size,
+        media_flags=dict(min_pixels=min_pixels, max_pixels=max_pixels, fps=fps, max_frames=max_frames,
+                         video_start=video_start, video_end=video_end),
         params=GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty, seed, tuple(stop or ())),
         engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn),
         fail_fast=fail_fast, quiet=quiet)

@@ -5,13 +5,10 @@ against an OpenAI-compatible loopback server."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -220,111 +217,55 @@ def test_ctrl_c_and_a_crash_lose_nothing_and_resume_without_redoing(tiny_model, 
 
 # --- --endpoint ---------------------------------------------------------------------------------------
 
-
-class _Server:
-    """A small OpenAI-compatible server over the tiny model: /v1/models and non-streamed
-    /v1/chat/completions, answering with the same engine `qvl batch` loads."""
-
-    def __init__(self, tiny_model):
-        from qvl_cli.engine import Engine, EngineOptions
-
-        self.engine = Engine.load(tiny_model, EngineOptions(device="cpu"))
-        self.bodies: list[dict] = []
-        self.in_flight = self.most_in_flight = 0
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def answer(self, body: dict) -> tuple[int, dict]:
-        from qvl_cli import messages as msgs
-        from qvl_cli.errors import QvlError
-        from qvl_cli.generation import GenerationParams, collect
-
-        extra = {k: body.get(k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")}
-        try:
-            params = GenerationParams(**extra, stop=tuple(body.get("stop") or ()))
-            answer = collect(self.engine.stream(msgs.from_openai(body["messages"]), params))
-        except QvlError as exc:
-            return 400, {"error": {"message": exc.message, "type": "invalid_request_error"}}
-        usage = answer.usage.to_dict()
-        return 200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                                  "finish_reason": answer.finish_reason}], "usage": usage}
-
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code, data):
-                raw = json.dumps(data).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    return self._send(200, {"object": "list", "data": [{"id": "tiny", "object": "model",
-                                                                        "created": 0, "owned_by": "qvl"}]})
-                self._send(404, {"error": {"message": "not found"}})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.bodies.append(body)
-                    server.in_flight += 1
-                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
-                try:
-                    time.sleep(0.05)  # let requests overlap
-                    self._send(*server.answer(body))
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-        return Handler
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+KEY = "batch-key-1"
 
 
-def test_endpoint_sends_each_request_to_the_server(tiny_model, media, tmp_path):
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """A real `qvl launch --foreground` server on the tiny checkpoint (its own batching on)."""
+    from serverutil import Foreground, isolated_env
+
+    root = tmp_path_factory.mktemp("batch-served")
+    proc = Foreground(["--model-path", str(tiny_model), "--device", "cpu", "--model-uid", "tiny-vl",
+                       "--api-key", KEY, "--max-batch", "4"], isolated_env(root), root / "server.log")
+    try:
+        yield proc.wait_ready()["endpoint"]
+    finally:
+        proc.stop(signal.SIGKILL if proc.proc.poll() is None else 0)
+
+
+def test_endpoint_answers_equal_local_answers(tiny_model, media, tmp_path, served):
     rows = [{"id": "text", "messages": [{"role": "user", "content": "Hello there."}]},
             {"id": "img", "messages": user({"type": "image", "image": media["red"]}, text("What is this?")),
              "max_tokens": 6, "stop": ["zzz"]},
             {"id": "img2", "messages": user({"type": "image_url", "image_url": {"url": media["blue"]}}, text("And this?"))},
+            {"id": "video", "messages": user({"type": "video", "video": media["clip"]}, text("Summarise."))},
+            {"id": "long", "messages": [{"role": "user", "content": "Tell me a story."}]},
             {"id": "gone", "messages": user({"type": "image", "image": str(media["root"] / "gone.png")}, text("?"))},
-            {"id": "long", "messages": [{"role": "user", "content": "Tell me a story."}]}]
+            {"id": "remote-url", "messages": user({"type": "image", "image": "http://127.0.0.1:9/x.png"}, text("?"))}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     local_out, remote_out = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
-    local = batch(tiny_model, inp, local_out, "--temperature", "0", "--max-tokens", "12")
-    server = _Server(tiny_model)
-    try:
-        remote = run_qvl("batch", str(inp), "-o", str(remote_out), "--endpoint", server.url,
-                         "--batch-size", "3", "--temperature", "0", "--max-tokens", "12")
-    finally:
-        server.close()
-    assert local.returncode == remote.returncode == 1, remote.stderr
+    args = ("--temperature", "0", "--max-tokens", "12")
+    local = batch(tiny_model, inp, local_out, *args)
+    remote = run_qvl("batch", str(inp), "-o", str(remote_out), "--endpoint", served, "--api-key", KEY,
+                     "--batch-size", "3", *args)
+    assert remote.returncode == 1, remote.stderr
+    assert "sending 7 requests to tiny-vl" in remote.stderr and "3 at a time" in remote.stderr
     mine = {r["id"]: r for r in read_jsonl(local_out)}
     theirs = {r["id"]: r for r in read_jsonl(remote_out)}
-    for key in ("text", "img", "img2", "long"):
-        assert theirs[key]["error"] is None
+    assert set(theirs) == {r["id"] for r in rows}
+    for key in ("text", "img", "img2", "video", "long"):
+        assert theirs[key]["error"] is None, theirs[key]
         assert (theirs[key]["text"], theirs[key]["usage"], theirs[key]["finish_reason"]) == \
             (mine[key]["text"], mine[key]["usage"], mine[key]["finish_reason"]), key
-    assert "gone.png" in theirs["gone"]["error"]
-    sent = {json.dumps(b["messages"])[:40]: b for b in server.bodies}
-    assert len(server.bodies) == 4 and all(b["model"] == "tiny" for b in server.bodies)
-    image_part = next(b for b in server.bodies if b.get("stop"))["messages"][0]["content"][0]
-    assert image_part["image_url"]["url"].startswith("data:image/png;base64,")  # local files go inline
-    assert next(b for b in server.bodies if b.get("stop"))["max_tokens"] == 6
-    assert server.most_in_flight >= 2
-    assert sent
+    assert theirs["img"]["usage"]["completion_tokens"] <= 6
+    assert "gone.png" in theirs["gone"]["error"]  # read on this side: the server never sees it
+    assert theirs["remote-url"]["error"] and mine["remote-url"]["error"]  # the server refuses remote URLs
+    assert "2 failed" in remote.stderr
+
+    wrong = run_qvl("batch", str(inp), "-o", str(tmp_path / "w.jsonl"), "--endpoint", served, "--api-key", "nope")
+    assert wrong.returncode == 1 and "refused the request" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert (tmp_path / "w.jsonl").read_text() == ""
 
 
 def test_endpoint_that_cannot_be_reached_is_one_line(tmp_path):
@@ -342,4 +283,4 @@ def test_endpoint_that_cannot_be_reached_is_one_line(tmp_path):
 def test_endpoint_refuses_spec_flags(tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "messages": [{"role": "user", "content": "hi"}]}])
     result = run_qvl("batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--endpoint", "http://x", "-s", "7")
-    assert result.returncode == 2 and "--endpoint" in result.stderr
+    assert result.returncode == 2 and "--endpoint / --model-uid" in result.stderr

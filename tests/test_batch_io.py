@@ -282,3 +282,71 @@ def test_progress_shows_a_bar_on_a_terminal(monkeypatch):
         task = progress.bar.tasks[0]
         assert (task.completed, task.total) == (2, 4)
         assert "1 failed" in task.fields["info"] and "ETA" in task.fields["info"]
+
+
+# --- the server path, with a stand-in for remote.Remote ----------------------------------------------
+
+
+class _FakeRemote:
+    """Answers "echo" requests; raises what remote.Remote raises for the others."""
+
+    def __init__(self, target=None, down_after: int | None = None):
+        self.calls = 0
+        self.down_after = down_after
+
+    def check(self):
+        return "fake-model"
+
+    def __call__(self, messages, params):
+        import httpx
+        import openai
+
+        from qvl_cli import remote
+        from qvl_cli.generation import Chunk, Usage
+
+        self.calls += 1
+        target = remote.Target("http://127.0.0.1:1/v1", "fake-model")
+        prompt = messages[0]["content"][0]["text"]
+        request = httpx.Request("POST", target.base_url)
+        if prompt == "refuse" or (self.down_after is not None and self.calls > self.down_after):
+            exc = (openai.BadRequestError("bad image", response=httpx.Response(400, request=request), body=None)
+                   if prompt == "refuse" else openai.APIConnectionError(request=request))
+            try:
+                raise exc
+            except openai.OpenAIError as err:
+                raise remote.translate_api_error(err, target) from None
+        yield Chunk(text=prompt.upper())
+        yield Chunk(finish_reason="stop", usage=Usage(3, 1))
+
+
+def _remote_requests(*prompts):
+    from qvl_cli import messages as msgs
+
+    return [Request(p, i + 1, msgs.from_openai([{"role": "user", "content": p}]), DEFAULTS)
+            for i, p in enumerate(prompts)]
+
+
+def test_remote_records_answers_and_refusals(monkeypatch):
+    from qvl_cli import batch_remote, remote
+
+    monkeypatch.setattr(remote, "Remote", _FakeRemote)
+    out = []
+    batch_remote.run(remote.Target("http://x/v1", None), _remote_requests("a", "refuse", "b"), 2, out.append,
+                     quiet=True)
+    got = {r["id"]: r for r in out}
+    assert got["a"]["text"] == "A" and got["a"]["usage"]["total_tokens"] == 4 and got["a"]["error"] is None
+    assert got["refuse"]["error"].startswith("bad image") and got["refuse"]["text"] is None
+
+
+def test_remote_connection_lost_stops_the_run_after_one_retry(monkeypatch):
+    from qvl_cli import batch_remote, remote
+    from qvl_cli.errors import ServerError
+
+    fake = _FakeRemote(down_after=2)
+    monkeypatch.setattr(remote, "Remote", lambda target: fake)
+    monkeypatch.setattr(batch_remote, "RETRY_AFTER", 0.0)
+    out = []
+    with pytest.raises(ServerError, match="lost the server: cannot reach"):
+        batch_remote.run(remote.Target("http://x/v1", None), _remote_requests("a", "b", "c", "d"), 1, out.append,
+                         quiet=True)
+    assert [r["id"] for r in out] == ["a", "b"] and fake.calls == 4  # c tried twice, d never
