@@ -350,3 +350,26 @@ def test_remote_connection_lost_stops_the_run_after_one_retry(monkeypatch):
         batch_remote.run(remote.Target("http://x/v1", None), _remote_requests("a", "b", "c", "d"), 1, out.append,
                          quiet=True)
     assert [r["id"] for r in out] == ["a", "b"] and fake.calls == 4  # c tried twice, d never
+
+
+def test_auto_size_reads_the_free_memory_of_the_model_gpus(monkeypatch, tiny_model):
+    from types import SimpleNamespace
+
+    import torch
+
+    from qvl_cli import batch
+
+    free = {0: 3 << 30, 1: 5 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[i], 80 << 30))
+    engine = SimpleNamespace(plan=SimpleNamespace(gpus=(0, 1)), path=tiny_model)
+    reqs = [Request("a", 1, [], GenerationParams(max_tokens=100), (0, 2, 400)),
+            Request("b", 2, [], GenerationParams(max_tokens=300), (0, 1, 40))]
+    sizing = batch._sizing(engine, reqs, None, max_pixels=200704)
+    dims = batch_plan.dims_from_config(tiny_model)
+    per, tokens = batch_plan.request_bytes(dims, 400 // 2 + 64, 300, images=2, frames=0, max_pixels=200704)
+    assert tokens == 264 + 2 * 256 + 300  # the largest request: its text, two images, the longest answer
+    assert sizing.size == min(batch_plan.MAX_AUTO_BATCH, 2, int((6 << 30) * batch_plan.MEMORY_SHARE // per))
+    assert "6.0 GiB free" in sizing.reason  # the smaller GPU's free memory, times two GPUs
+    assert batch._sizing(engine, reqs, 5, None) == batch_plan.Sizing(5, "")
+    engine.plan.gpus = ()
+    assert batch._sizing(engine, reqs, None, None).reason.endswith("on CPU (set --batch-size to change it)")
