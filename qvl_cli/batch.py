@@ -57,7 +57,8 @@ def run(request: BatchRequest) -> int:
     image_opts, video_opts = image_video_options(request.media_flags)
     items = batch_io.read_input(request.input, params, image_opts, video_opts)
     if not items:
-        raise UsageError(f"{request.input} holds no requests", 'write one JSON object per line: {"id": 1, "messages": [...]}')
+        raise UsageError(f"{request.input} holds no requests",
+                         'write one JSON object per line: {"id": 1, "messages": [...]}')
     output, existing = batch_io.open_output(request.output, request.input)
     todo = list(batch_io.pending(items, existing))
     tally = Tally(total=len(todo), skipped=len(items) - len(todo))
@@ -66,7 +67,8 @@ def run(request: BatchRequest) -> int:
         render.status(f"retrying {retried} request(s) that failed in an earlier run")
     try:
         if not todo:
-            render.status(f"nothing to do: all {len(items)} requests are answered in {request.output}")
+            if not request.quiet:
+                render.status(f"nothing to do: all {len(items)} requests are answered in {request.output}")
             return EXIT_OK
         with Progress(tally, quiet=request.quiet) as progress:
             _answer(request, target, todo, size, _writer(output, tally, progress, request.fail_fast), tally)
