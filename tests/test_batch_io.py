@@ -373,3 +373,74 @@ def test_auto_size_reads_the_free_memory_of_the_model_gpus(monkeypatch, tiny_mod
     assert batch._sizing(engine, reqs, 5, None) == batch_plan.Sizing(5, "")
     engine.plan.gpus = ()
     assert batch._sizing(engine, reqs, None, None).reason.endswith("on CPU (set --batch-size to change it)")
+
+
+# --- the local runner, with a stand-in engine ------------------------------------------------------
+
+
+class _FakeEngine:
+    """job() fails for prompts starting with "bad"; run_jobs() answers each prompt with its
+    upper case, and runs out of memory for batches larger than ``fits``."""
+
+    def __init__(self, fits: int = 99):
+        from types import SimpleNamespace
+
+        self.fits = fits
+        self.batches: list[list[str]] = []
+        self.plan = SimpleNamespace(gpus=())
+
+    def job(self, messages, params):
+        from qvl_cli.errors import MediaError
+
+        prompt = messages[0]["content"][0]["text"]
+        if prompt.startswith("bad"):
+            raise MediaError(f"{prompt}.png could not be decoded", "re-save the image")
+        if prompt.startswith("boom"):
+            raise ValueError("a library error")
+        return prompt
+
+    def run_jobs(self, jobs):
+        from qvl_cli.errors import OutOfMemory
+        from qvl_cli.generation import Chunk, Usage
+
+        self.batches.append(list(jobs))
+        for i, prompt in enumerate(jobs):
+            if i == 1 and len(jobs) > self.fits:
+                raise OutOfMemory("out of GPU memory: tried to allocate 2 GiB", "use fewer pixels")
+            yield i, Chunk(text=prompt.upper())
+            yield i, Chunk(finish_reason="stop", usage=Usage(1, 1))
+
+
+def test_local_runner_records_preparation_failures_and_answers_the_rest():
+    from qvl_cli import batch_local
+
+    engine, out = _FakeEngine(), []
+    reqs = _remote_requests("a", "bad1", "b", "boom", "c")
+    batch_local.run(engine, [reqs[:3], reqs[3:]], out.append, workers=2)
+    got = {r["id"]: r for r in out}
+    assert [got[k]["text"] for k in ("a", "b", "c")] == ["A", "B", "C"]
+    assert got["bad1"]["error"] == "bad1.png could not be decoded (re-save the image)"
+    assert got["boom"]["error"] == "ValueError: a library error"
+    assert engine.batches == [["a", "b"], ["c"]]
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_until_it_fits():
+    from qvl_cli import batch_local
+
+    engine, out = _FakeEngine(fits=2), []
+    reqs = _remote_requests(*"abcdefg")
+    batch_local.run(engine, [reqs], out.append)
+    assert sorted(r["id"] for r in out) == list("abcdefg")  # every request once
+    assert all(r["error"] is None and r["text"] == r["id"].upper() for r in out)
+    # each failing batch keeps what finished before the failure and splits the rest in halves
+    assert ["".join(b) for b in engine.batches] == ["abcdefg", "bcd", "c", "d", "efg", "f", "g"]
+
+
+def test_a_single_request_that_fails_to_generate_gets_its_error():
+    from qvl_cli import batch_local
+
+    engine, out = _FakeEngine(fits=0), []
+    batch_local.decode(engine, [(r, engine.job(r.messages, r.params)) for r in _remote_requests("x", "y")],
+                       out.append)
+    assert {r["id"]: r["error"] is None for r in out} == {"x": True, "y": False}
+    assert "out of GPU memory" in next(r["error"] for r in out if r["id"] == "y")
