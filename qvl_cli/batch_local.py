@@ -168,13 +168,14 @@ def decode(engine: Any, jobs: list[tuple[Request, Any]], emit: Emit) -> None:
     except QvlError as exc:
         left = [pair for pair, done in zip(jobs, finished) if not done]
         _release_memory(engine)
-        if len(left) == 1 or len(jobs) == 1:
+        if len(jobs) == 1:
             for request, _ in left:
                 emit(record(request.id, error=error_text(exc)))
             return
-        half = len(left) // 2
+        half = max(1, len(left) // 2)  # a lone survivor is retried alone: the batch may have been the cause
         decode(engine, left[:half], emit)
-        decode(engine, left[half:], emit)
+        if left[half:]:
+            decode(engine, left[half:], emit)
 
 
 def _release_memory(engine: Any) -> None:

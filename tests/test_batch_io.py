@@ -405,7 +405,7 @@ class _FakeEngine:
 
         self.batches.append(list(jobs))
         for i, prompt in enumerate(jobs):
-            if i == 1 and len(jobs) > self.fits:
+            if i == min(1, len(jobs) - 1) and len(jobs) > self.fits:
                 raise OutOfMemory("out of GPU memory: tried to allocate 2 GiB", "use fewer pixels")
             yield i, Chunk(text=prompt.upper())
             yield i, Chunk(finish_reason="stop", usage=Usage(1, 1))
@@ -443,4 +443,5 @@ def test_a_single_request_that_fails_to_generate_gets_its_error():
     batch_local.decode(engine, [(r, engine.job(r.messages, r.params)) for r in _remote_requests("x", "y")],
                        out.append)
     assert {r["id"]: r["error"] is None for r in out} == {"x": True, "y": False}
+    assert engine.batches == [["x", "y"], ["y"]]  # y was retried alone before it was given up
     assert "out of GPU memory" in next(r["error"] for r in out if r["id"] == "y")
