@@ -161,16 +161,23 @@ def download(
     download_hub: DownloadHub = None,
     revision: Revision = None,
     offline: Offline = False,
+    gpu_idx: GpuIdx = None,
+    context_length: ContextLength = None,
+    force: Force = False,
     quiet: Quiet = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Download a model spec into the hub's cache: only the files it needs, resumable, verified.
 
-    Prints the model folder on stdout; progress and status go to stderr."""
-    from . import hub, specs
+    Refuses a spec that will not fit the visible GPUs (unless --force) before fetching
+    anything. Prints the model folder on stdout; progress and status go to stderr."""
+    from . import hub, memory
+    from .backends import check_spec
 
-    spec = specs.resolve(model_name, model_engine, size_in_billions, model_format,
-                         quantization, download_hub)
+    flags = dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,
+                 model_format=model_format, quantization=quantization, hub=download_hub)
+    spec = check_spec(flags, gpu_idx=gpu_idx, force=force, workload=memory.workload(context_length, None),
+                      need_backend=False, quiet=quiet).spec
     model = hub.ensure_local(spec, revision=revision, offline=True if offline else None, quiet=quiet)
     if json_output:
         render.print_json(model.to_dict())
@@ -350,7 +357,7 @@ def launch(
         dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,
              model_format=model_format, quantization=quantization, hub=download_hub),
         model_path, memory.workload(context_length, max_pixels), gpu_idx, force, model_uid, revision,
-        offline, quiet)
+        offline, quiet, device)
     config = launcher.server_config(
         choice, asdict(engine), host, port, context_length=context_length, max_pixels=max_pixels,
         allow_local_media=allow_local_media, allow_remote_media=allow_remote_media, max_queue=max_queue,

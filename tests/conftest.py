@@ -98,3 +98,21 @@ def quantized_fixtures(tiny_model, tmp_path_factory) -> dict:
     GPTQ formats (pure torch + safetensors, made once; loading them needs qvl[quant])."""
     return load_script("make_quantized_fixtures").make_quantized_fixtures(
         tiny_model, tmp_path_factory.mktemp("quantized"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip cleanly on machines without CUDA (torch is imported only when
+    such tests were collected)."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in marked:
+            item.add_marker(skip)
