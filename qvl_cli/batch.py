@@ -59,6 +59,7 @@ def run(request: BatchRequest) -> int:
     if not items:
         raise UsageError(f"{request.input} holds no requests",
                          'write one JSON object per line: {"id": 1, "messages": [...]}')
+    local = None if target is not None else _check_spec(request)  # before the output is touched
     output, existing = batch_io.open_output(request.output, request.input)
     todo = list(batch_io.pending(items, existing))
     tally = Tally(total=len(todo), skipped=len(items) - len(todo))
@@ -71,7 +72,7 @@ def run(request: BatchRequest) -> int:
                 render.status(f"nothing to do: all {len(items)} requests are answered in {request.output}")
             return EXIT_OK
         with Progress(tally, quiet=request.quiet) as progress:
-            _answer(request, target, todo, size, _writer(output, tally, progress, request.fail_fast), tally)
+            _answer(request, target or local, todo, size, _writer(output, tally, progress, request.fail_fast), tally)
     except _FailFast:
         render.status(f"stopped at the first failure (--fail-fast); {tally.summary(interrupted=True)}")
         return EXIT_FAILURE
@@ -109,24 +110,25 @@ def _writer(output: batch_io.Output, tally: Tally, progress: Progress, fail_fast
     return emit
 
 
-def _answer(request: BatchRequest, target: Any, todo: list[Request | BadLine], size: int | None, emit,
+def _answer(request: BatchRequest, source: Any, todo: list[Request | BadLine], size: int | None, emit,
             tally: Tally) -> None:
-    """Write the bad lines' records, then answer the rest locally or through the endpoint."""
+    """Write the bad lines' records, then answer the rest through the server (``source`` a
+    remote.Target) or with the model loaded here (``source`` the checked spec and options)."""
     good = [item for item in todo if isinstance(item, Request)]
     for item in todo:
         if isinstance(item, BadLine):
             emit(record(item.id, error=item.error))
     if not good:
         return
-    if target is not None:
+    if not isinstance(source, tuple):
         from . import batch_remote
 
         tally.started = _now()
-        batch_remote.run(target, good, size or batch_plan.REMOTE_CONCURRENCY, emit, quiet=request.quiet)
+        batch_remote.run(source, good, size or batch_plan.REMOTE_CONCURRENCY, emit, quiet=request.quiet)
         return
     from . import batch_local
 
-    engine = _load(request)
+    engine = _load(request, *source)
     sizing = _sizing(engine, good, size, request.media_flags.get("max_pixels"))
     if sizing.reason and not request.quiet:
         render.status(sizing.reason)
@@ -134,12 +136,18 @@ def _answer(request: BatchRequest, target: Any, todo: list[Request | BadLine], s
     batch_local.run(engine, batch_plan.plan_batches(good, sizing.size), emit)
 
 
-def _load(request: BatchRequest) -> Any:
-    from .backends import LocalRequest, load_engine
+def _check_spec(request: BatchRequest) -> tuple[Any, Any]:
+    """(spec or None, engine options): the spec resolved and checked (backend installed,
+    memory fit) before anything is written or downloaded, as `qvl chat` does."""
     from .chat_run import resolve_for_loading
 
-    spec, options = resolve_for_loading(request.spec_flags, request.engine_options, request.model_path,
-                                        request.force)
+    return resolve_for_loading(request.spec_flags, request.engine_options, request.model_path, request.force,
+                               quiet=request.quiet)
+
+
+def _load(request: BatchRequest, spec: Any, options: Any) -> Any:
+    from .backends import LocalRequest, load_engine
+
     engine, _name = load_engine(LocalRequest(spec, request.model_path, request.revision, request.offline,
                                              request.quiet), options)
     return engine

@@ -284,3 +284,12 @@ def test_endpoint_refuses_spec_flags(tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "messages": [{"role": "user", "content": "hi"}]}])
     result = run_qvl("batch", str(inp), "-o", str(tmp_path / "o.jsonl"), "--endpoint", "http://x", "-s", "7")
     assert result.returncode == 2 and "--endpoint / --model-uid" in result.stderr
+
+
+def test_a_spec_that_cannot_fit_is_refused_before_the_output_is_touched(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", ["not json", {"id": "a", "messages": [{"role": "user", "content": "hi"}]}])
+    out = tmp_path / "out.jsonl"
+    result = run_qvl("batch", str(inp), "-o", str(out), "-s", "7", env={"QVL_FAKE_GPUS": "8GiB"})
+    assert result.returncode == 1, result.stderr
+    assert "7B pytorch needs" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
