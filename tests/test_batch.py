@@ -52,7 +52,8 @@ def batch(tiny_model, inp, out, *extra, **kw):
 # --- equivalence ---------------------------------------------------------------------------------
 
 
-def chat_answer(tiny_model, capsys, prompt, images=(), videos=(), system=None, max_tokens=24):
+def chat_answer(tiny_model, capsys, prompt, images=(), videos=(), system=None, max_tokens=24,
+                repetition_penalty=None):
     """The same request alone through `qvl chat`'s code path (chat_run.run, --json)."""
     from qvl_cli import chat_run
     from qvl_cli.engine import EngineOptions
@@ -61,7 +62,7 @@ def chat_answer(tiny_model, capsys, prompt, images=(), videos=(), system=None, m
     capsys.readouterr()
     code = chat_run.run(chat_run.ChatRequest(
         prompt=prompt, model_path=str(tiny_model), images=tuple(images), videos=tuple(videos), system=system,
-        params=GenerationParams(max_tokens=max_tokens, temperature=0),
+        params=GenerationParams(max_tokens=max_tokens, temperature=0, repetition_penalty=repetition_penalty),
         engine_options=EngineOptions(device="cpu"), json_output=True, quiet=True))
     assert code == 0
     return json.loads(capsys.readouterr().out)
@@ -83,6 +84,11 @@ def test_batched_answers_equal_single_chat_answers(tiny_model, media, tmp_path, 
                        ("Compare these two pictures, in detail.", (red, blue))),
         "video": ({"messages": user({"type": "video_url", "video_url": {"url": clip}}, text("Summarise."))},
                   ("Summarise.", (), (clip,))),
+        # a batch of their own (another sampler): the penalty must not count the padding
+        "penalty-text": ({"messages": [{"role": "user", "content": "Hi."}], "repetition_penalty": 1.5},
+                         ("Hi.", (), (), None, 24, 1.5)),
+        "penalty-image": ({"messages": user({"type": "image", "image": blue}, text("Tell me all you see here.")),
+                           "repetition_penalty": 1.5}, ("Tell me all you see here.", (blue,), (), None, 24, 1.5)),
     }
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": k, **fields} for k, (fields, _) in cases.items()])
     out = tmp_path / "out.jsonl"
@@ -91,7 +97,7 @@ def test_batched_answers_equal_single_chat_answers(tiny_model, media, tmp_path, 
     got = {r["id"]: r for r in read_jsonl(out)}
     assert set(got) == set(cases)
     assert len({r["usage"]["prompt_tokens"] for r in got.values()}) >= 4  # really padded: lengths differ
-    assert "6 requests in" in result.stderr and "requests/s" in result.stderr
+    assert "8 requests in" in result.stderr and "requests/s" in result.stderr
     for key, (_, args) in cases.items():
         alone = chat_answer(tiny_model, capsys, *args)
         assert got[key]["error"] is None
