@@ -25,7 +25,7 @@ Emit = Callable[[dict[str, Any]], None]
 
 
 @dataclass
-class Prepared:
+class PreparedBatch:
     """One batch after preparation: the jobs that can decode, the requests that failed."""
 
     jobs: list[tuple[Request, Any]]  # (request, engine Job)
@@ -42,7 +42,7 @@ class Prefetcher:
 
     At most ``ahead`` prepared batches wait (their pixel tensors stay in memory), so the
     next batch is ready when the current one has decoded. ``close`` stops it (Ctrl-C,
-    --fail-fast) without waiting for a long video to finish decoding.
+    --fail-fast), waiting at most a few seconds for the request being prepared.
     """
 
     def __init__(self, engine: Any, batches: Sequence[Sequence[Request]], ahead: int = 1,
@@ -74,7 +74,7 @@ class Prefetcher:
             if thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
 
-    def __iter__(self) -> Iterator[Prepared]:
+    def __iter__(self) -> Iterator[PreparedBatch]:
         for _ in self.batches:
             item = self.ready.get()
             if isinstance(item, BaseException):
@@ -92,9 +92,9 @@ class Prefetcher:
         except BaseException as exc:  # noqa: BLE001 - handed to the decoding thread
             self.ready.put(exc)
 
-    def _prepare(self, batch: Sequence[Request]) -> Prepared:
+    def _prepare(self, batch: Sequence[Request]) -> PreparedBatch:
         results = self.pool.map(lambda r: self.engine.job(r.messages, r.params), batch)
-        out = Prepared([], [])
+        out = PreparedBatch([], [])
         for request, (job, exc) in zip(batch, results):
             if exc is None:
                 out.jobs.append((request, job))
