@@ -162,7 +162,7 @@ def _sizing(engine: Any, requests: list[Request], size: int | None, max_pixels: 
     if on_gpu:
         import torch
 
-        dims = batch_plan.dims_from_config(engine.path)
+        dims = engine.dims  # from the loaded model's config
         free = min(torch.cuda.mem_get_info(g)[0] for g in engine.plan.gpus) * len(engine.plan.gpus)
     videos = max(r.size[0] for r in requests)
     images = max(r.size[1] for r in requests)

@@ -10,15 +10,13 @@ memory left after loading the model.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import memory, settings
-from .dims import ModelDims, VisionDims
+from .dims import ModelDims
 from .errors import UsageError
 
 AUTO = "auto"
@@ -63,27 +61,6 @@ class Sizing:
 
     size: int
     reason: str
-
-
-def dims_from_config(path: Path) -> ModelDims:
-    """The architecture figures of a checkpoint folder, from its config.json (flat pre-v5
-    layout as published, or transformers 5's text_config / vision_config)."""
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    text = {**config, **(config.get("text_config") or {})}
-    vision = config.get("vision_config") or {}
-    heads = text["num_attention_heads"]
-    return ModelDims(
-        hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
-        num_hidden_layers=text["num_hidden_layers"], num_attention_heads=heads,
-        num_key_value_heads=text.get("num_key_value_heads", heads),
-        head_dim=text.get("head_dim") or text["hidden_size"] // heads, vocab_size=text["vocab_size"],
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-        vision=VisionDims(depth=vision.get("depth", 32), embed_dim=vision.get("embed_dim", 1280),
-                          num_heads=vision.get("num_heads", 16), mlp_ratio=int(vision.get("mlp_ratio", 4)),
-                          patch_size=vision.get("patch_size", 14),
-                          temporal_patch_size=vision.get("temporal_patch_size", 2),
-                          spatial_merge_size=vision.get("spatial_merge_size", 2),
-                          in_channels=vision.get("in_channels", vision.get("in_chans", 3))))
 
 
 def request_bytes(dims: ModelDims, text_tokens: int, max_new_tokens: int, images: int, frames: int,

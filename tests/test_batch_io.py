@@ -230,14 +230,15 @@ def test_request_bytes_uses_the_memory_module():
 
 
 def test_dims_from_config_reads_flat_and_nested_layouts(tmp_path, tiny_model):
-    dims = batch_plan.dims_from_config(tiny_model)
+    from qvl_cli.dims import from_config
+
+    dims = from_config(json.loads((tiny_model / "config.json").read_text()))
     assert (dims.hidden_size, dims.num_hidden_layers, dims.num_key_value_heads, dims.head_dim) == (64, 2, 2, 16)
     assert dims.vision.embed_dim == 32 and dims.vision.patch_size == 14
     config = json.loads((tiny_model / "config.json").read_text())
     text = {k: config.pop(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                         "num_attention_heads", "num_key_value_heads", "vocab_size")}
-    (tmp_path / "config.json").write_text(json.dumps({**config, "text_config": text}))
-    assert batch_plan.dims_from_config(tmp_path) == dims
+    assert from_config({**config, "text_config": text}) == dims
 
 
 # --- summary -----------------------------------------------------------------------------------------
@@ -361,11 +362,13 @@ def test_auto_size_reads_the_free_memory_of_the_model_gpus(monkeypatch, tiny_mod
 
     free = {0: 3 << 30, 1: 5 << 30}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[i], 80 << 30))
-    engine = SimpleNamespace(plan=SimpleNamespace(gpus=(0, 1)), path=tiny_model)
+    from qvl_cli.dims import from_config
+
+    dims = from_config(json.loads((tiny_model / "config.json").read_text()))
+    engine = SimpleNamespace(plan=SimpleNamespace(gpus=(0, 1)), path=tiny_model, dims=dims)
     reqs = [Request("a", 1, [], GenerationParams(max_tokens=100), (0, 2, 400)),
             Request("b", 2, [], GenerationParams(max_tokens=300), (0, 1, 40))]
     sizing = batch._sizing(engine, reqs, None, max_pixels=200704)
-    dims = batch_plan.dims_from_config(tiny_model)
     per, tokens = batch_plan.request_bytes(dims, 400 // 2 + 64, 300, images=2, frames=0, max_pixels=200704)
     assert tokens == 264 + 2 * 256 + 300  # the largest request: its text, two images, the longest answer
     assert sizing.size == min(batch_plan.MAX_AUTO_BATCH, 2, int((6 << 30) * batch_plan.MEMORY_SHARE // per))
