@@ -133,7 +133,7 @@ class StaticRunner(Runner):
         self.cache = slot.cache
         self.attn2d = slot.attn2d
         self.tokens = slot.tokens
-        self.slot_pos = slot.pos
+        self.pos = slot.pos  # the captured step reads these buffers: update them in place
 
     def prefill(self, inputs: dict[str, Any], position_ids: Any) -> Any:
         self.cache.reset()
@@ -142,10 +142,8 @@ class StaticRunner(Runner):
         self.attn2d.fill_(1)
         if attn is not None:
             self.attn2d[:, :seen].copy_(attn)
-        logits = super().prefill(inputs, position_ids)
-        self.slot_pos.copy_(self.pos)
-        self.pos = self.slot_pos
-        return logits
+        self.pos.copy_(position_ids[..., -1:] + 1)
+        return self._forward(past_key_values=self.cache, position_ids=position_ids, **inputs)
 
     def _run(self) -> Any:
         return static_step(self.model, self.cache, self.tokens, self.pos, self.attn2d)

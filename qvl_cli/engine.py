@@ -33,6 +33,12 @@ class EngineOptions:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     attn: str = "auto"  # auto | sdpa | flash_attention_2 | eager
     model_format: str = "pytorch"
+    # The fast path (qvl_cli.fastpath): "auto" is decided by fastpath.resolve.
+    decode_loop: str = "auto"  # auto | qvl | generate
+    compile: str = "auto"  # auto | on (torch.compile) | graphs (CUDA graphs) | off
+    static_cache: str = "auto"  # auto | on | off
+    gpu_preprocess: str = "auto"  # auto | on | off: image normalisation on the GPU
+    warmup: bool = False  # compile / capture the decode step at load (servers)
 
 
 @dataclass
@@ -58,7 +64,9 @@ class Job:
 
 class Engine:
     def __init__(self, model: Any, processor: Any, plan: devices.Plan, path: Path,
-                 context_length: int, load_seconds: float) -> None:
+                 context_length: int, load_seconds: float, decoder: Any = None) -> None:
+        from . import fastpath
+
         self.model = model
         self.processor = processor
         self.plan = plan
@@ -66,6 +74,9 @@ class Engine:
         self.context_length = context_length
         self.load_seconds = load_seconds
         self.lock = threading.Lock()  # one generation at a time on one model
+        # model.generate, or qvl's fast loop: called with generate's arguments
+        self.decoder = decoder or fastpath.make_decoder(model, fastpath.DecodeConfig(), context_length)
+        self.warmup_seconds = 0.0
         tokenizer = processor.tokenizer
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
@@ -83,10 +94,14 @@ class Engine:
         import torch
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
+        from . import fastpath
+
         plan = devices.plan(torch, options)
+        decode = fastpath.resolve(options, bool(plan.gpus), len(plan.gpus) <= 1, plan.attn)
         try:
             model = Qwen2VLForConditionalGeneration.from_pretrained(
-                path, dtype=plan.dtype, attn_implementation=plan.attn, **plan.load_kwargs)
+                path, dtype=plan.dtype, attn_implementation=fastpath.attn_implementation(plan.attn, decode),
+                **plan.load_kwargs)
             if plan.device_map is None:
                 model.to(plan.device)
             model.eval()
@@ -96,7 +111,22 @@ class Engine:
                 f"cannot load the model from {path}: {type(exc).__name__}: {_first_line(exc)}",
                 "check that the folder holds a complete Qwen2-VL checkpoint (`qvl verify`)") from exc
         context = context_length or getattr(model.config.get_text_config(), "max_position_embeddings", 32768)
-        return cls(model, processor, plan, path, context, time.perf_counter() - start)
+        engine = cls(model, processor, plan, path, context, time.perf_counter() - start,
+                     decoder=fastpath.make_decoder(model, decode, context))
+        if options.warmup:
+            engine.warmup()
+        return engine
+
+    def warmup(self, batches: Sequence[int] = (1,), up_to: int | None = None) -> float:
+        """Compile / capture the decode step ahead of the first request (what `qvl launch` pays
+        before it says ready); returns and keeps the seconds it took (0 when nothing to do)."""
+        from . import fastpath
+
+        with self.lock:
+            seconds = self.decoder.warmup(batches, min(up_to or fastpath.DEFAULT_WARMUP_LENGTH,
+                                                       self.context_length))
+        self.warmup_seconds += seconds
+        return seconds
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -108,7 +138,7 @@ class Engine:
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         images, videos, video_kwargs, infos = media.prepare_vision(messages)
         inputs = self.processor(text=[text], images=images, videos=videos, padding=True,
-                                return_tensors="pt", **video_kwargs)
+                                return_tensors="pt", **video_kwargs, **self._preprocess_kwargs(images, videos))
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         if prompt_tokens >= self.context_length:
             raise PromptTooLong(
@@ -241,6 +271,12 @@ class Engine:
                     f"{top_p} (the checkpoint's generation_config); add --top-k 0 --top-p 0.9 for varied answers")
         return None
 
+    def _preprocess_kwargs(self, images: Any, videos: Any) -> dict[str, Any]:
+        """Normalise and patch the pixels on the GPU (the processor's torchvision backend)."""
+        if (images or videos) and getattr(self.decoder.config, "gpu_preprocess", False):
+            return {"device": self.plan.input_device}
+        return {}
+
     def _generate_worker(self, inputs, kwargs, seed, streamer, tokens) -> None:
         import torch
 
@@ -248,7 +284,7 @@ class Engine:
             with torch.inference_mode():
                 if seed is not None:
                     torch.manual_seed(seed)
-                self.model.generate(**inputs, **kwargs)
+                self.decoder.generate(**inputs, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
             tokens.put(exc)
         finally:
@@ -261,7 +297,8 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "device": self.plan.describe(), "dtype": self.plan.dtype_name,
                 "attn": self.plan.attn, "context_length": self.context_length,
-                "load_seconds": round(self.load_seconds, 2)}
+                "load_seconds": round(self.load_seconds, 2), **self.decoder.describe(),
+                "warmup_seconds": round(self.warmup_seconds, 2)}
 
 
 class _QueueStreamer:

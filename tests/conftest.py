@@ -91,3 +91,20 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_model_sharded(tmp_path_factory) -> Path:
     """The same checkpoint (same seed, same weights) in 2 shards with model.safetensors.index.json."""
     return _build_tiny_model(tmp_path_factory, "tiny-qwen2-vl-sharded", shards=2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` when torch sees no CUDA GPU (torch is imported only if any)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in gpu_items:
+            item.add_marker(skip)
