@@ -223,6 +223,13 @@ class CacheSlot:
     def release(self) -> None:
         self.busy = False
 
+    def prepare(self, model: Any, step: str) -> None:
+        """Capture the CUDA graph now if the step needs one (it runs two steps on the cache),
+        then leave the cache empty: call before putting any prompt in."""
+        if step == "cuda-graph" and self.graph is None:
+            self.capture(model, self.graph_pool)
+        self.cache.reset()
+
     # --- CUDA graph -------------------------------------------------------------------------
 
     def capture(self, model: Any, pool: Any = None) -> None:

@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,22 @@ class Engine:
             raise ValueError("jobs in one batch must share their sampling parameters")
         with self.lock:
             yield from self._run(list(jobs))
+
+    def run_continuous(self, take: Callable[[int, bool], Sequence[Job]], max_batch: int = 16,
+                       cache_length: int | None = None) -> Iterator[tuple[Job, Chunk]]:
+        """Decode jobs as they come (continuous batching); yields (job, chunk).
+
+        ``take(free, wait)`` returns up to ``free`` new jobs; it is called between decode
+        steps with ``wait`` False (return at once), and with ``wait`` True when nothing is
+        running (block until work comes; return nothing to end the run). A job joins the
+        running batch as soon as a row is free and ends with its own final chunk. With
+        transformers' generate or the eager step, jobs are batched statically instead
+        (the ones waiting when a batch starts). See :mod:`qvl_cli.continuous`.
+        """
+        from . import continuous
+
+        with self.lock:
+            yield from continuous.run(self, take, max_batch, cache_length)
 
     def collate(self, prepared: Sequence[Prepared]) -> dict[str, Any]:
         """Left-pad the token rows of several prepared requests and concatenate their pixels."""

@@ -186,9 +186,14 @@ class FastDecoder:
         if self.pool is None:
             return ds.EagerRunner(self.model, batch, need)
         limit = None if self.context_length is None else self.context_length + 1
-        slot = self.pool.acquire(batch, ds.bucket(need, limit))
+        return self.runner_for(self.pool.acquire(batch, ds.bucket(need, limit)))
+
+    def runner_for(self, slot: Any) -> Any:
+        """The runner of this decoder's step kind over a pooled cache slot."""
+        from . import decode_step as ds
+
         cls = {"static": ds.StaticRunner, "cuda-graph": ds.GraphRunner, "compile": ds.CompiledRunner}[self.config.step]
-        return cls(self.model, batch, slot.length, slot)
+        return cls(self.model, slot.batch, slot.length, slot)
 
     def sampler(self, input_ids: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         from .sampling import Sampler
