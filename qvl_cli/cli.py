@@ -14,11 +14,11 @@ import typer
 
 from . import __version__, render, settings
 from .errors import EXIT_FAILURE, QvlError, translate
-from .options import (Attn, ContextLength, Device, DownloadHub, DryRun, Dtype, Fit, Force, Fps, GpuIdx,
-                      Images, JsonOutput, MaxFrames, MaxMemory, MaxPixels, MaxTokens, MinPixels, ModelEngine,
-                      ModelFormat, ModelName, ModelPath, NGpu, Offline, Quantization, Quiet, RepetitionPenalty,
-                      Revision, Seed, SizeInBillions, Stop, Temperature, TopK, TopP, VideoEnd, Videos,
-                      VideoStart, Yes)
+from .options import (Attn, Compile, ContextLength, DecodeLoop, Device, DownloadHub, DryRun, Dtype, Fit, Force,
+                      Fps, GpuIdx, GpuPreprocess, Images, JsonOutput, MaxFrames, MaxMemory, MaxPixels,
+                      MaxTokens, MinPixels, ModelEngine, ModelFormat, ModelName, ModelPath, NGpu, Offline,
+                      Quantization, Quiet, RepetitionPenalty, Revision, Seed, SizeInBillions, StaticCache,
+                      Stop, Temperature, TopK, TopP, VideoEnd, VideoStart, Videos, Yes)
 
 APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language models.
 
@@ -312,7 +312,8 @@ def chat(
     max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None,
     repetition_penalty: RepetitionPenalty = None, seed: Seed = None, stop: Stop = None,
     device: Device = "auto", gpu_idx: GpuIdx = None, n_gpu: NGpu = None, max_memory: MaxMemory = None,
-    dtype: Dtype = "auto", attn: Attn = "auto", force: Force = False,
+    dtype: Dtype = "auto", attn: Attn = "auto", compile_mode: Compile = "auto", static_cache: StaticCache = "auto",
+    decode_loop: DecodeLoop = "auto", gpu_preprocess: GpuPreprocess = "auto", force: Force = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, usage, timings).")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speed on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Print each image's and video's size, frames "
@@ -320,10 +321,12 @@ def chat(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress or status on stderr.")] = False,
 ) -> None:
     """Ask about images and videos: one answer streamed to stdout, or an interactive chat."""
-    from . import chat_run, devices
+    from . import chat_run, devices, fastpath
     from .engine import EngineOptions
     from .generation import GenerationParams
 
+    fast = fastpath.flags(decode_loop=decode_loop, compile=compile_mode, static_cache=static_cache,
+                          gpu_preprocess=gpu_preprocess)
     request = chat_run.ChatRequest(
         prompt=prompt, spec_flags=dict(model_name=model_name, model_engine=model_engine,
                                        size_in_billions=size_in_billions, model_format=model_format,
@@ -334,7 +337,8 @@ def chat(
                          video_start=video_start, video_end=video_end),
         system=system, params=GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                seed, tuple(stop or ())),
-        engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn),
+        engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn,
+                                     **fast),
         json_output=json_output, stats=stats, verbose=verbose, quiet=quiet)
     raise typer.Exit(chat_run.run(request))
 

@@ -59,6 +59,16 @@ def _choice(name: str, value: str, allowed: Iterable[str]) -> str:
     return value
 
 
+def flags(decode_loop: str = "auto", compile: str = "auto", static_cache: str = "auto",
+          gpu_preprocess: str = "auto") -> dict[str, str]:
+    """The fast-path CLI flags checked (UsageError on an unknown value, before anything is
+    downloaded or loaded) -> EngineOptions keyword arguments."""
+    return {"decode_loop": _choice("--decode-loop", decode_loop, DECODE_LOOPS),
+            "compile": _choice("--compile", compile, COMPILE_MODES),
+            "static_cache": _choice("--static-cache", static_cache, SWITCHES),
+            "gpu_preprocess": _choice("--gpu-preprocess", gpu_preprocess, SWITCHES)}
+
+
 def resolve(options: Any, on_gpu: bool, single_device: bool = True, attn: str = "sdpa") -> DecodeConfig:
     """Decide the decode path from EngineOptions-like ``options`` and the device plan.
 
