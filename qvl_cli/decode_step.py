@@ -176,8 +176,7 @@ class GraphRunner(StaticRunner):
     kind = "cuda-graph"
 
     def prefill(self, inputs: dict[str, Any], position_ids: Any) -> Any:
-        if self.slot.graph is None:  # the capture runs two steps: before the prompt is in
-            self.slot.capture(self.model, self.slot.graph_pool)
+        self.slot.prepare(self.model, self.kind)  # the capture runs two steps: before the prompt
         return super().prefill(inputs, position_ids)
 
     def _run(self) -> Any:
@@ -190,7 +189,7 @@ class CompiledRunner(StaticRunner):
     kind = "compile"
 
     def _run(self) -> Any:
-        return self.slot.compiled_call(self.model)
+        return self.slot.compiled_call(self.model, self.slot.pool_compiled())
 
 
 class CacheSlot:
@@ -211,10 +210,12 @@ class CacheSlot:
         self.tokens = torch.zeros((batch,), dtype=torch.long, device=device)
         self.pos = torch.zeros((4, batch, 1), dtype=torch.long, device=device)
         self.busy = False
+        self.pool_compiled: Any = lambda: None  # the pool's compiled step (set by CachePool)
         self.graph_pool = None  # shared by the pool's graphs (they never run at once)
         self.graph = None
         self.graph_logits = None
-        self.compiled = None
+        self.marked = False  # dynamic dimensions marked for torch.compile
+        self.failed: str | None = None  # why the captured / compiled step fell back to eager
 
     @property
     def nbytes(self) -> int:
@@ -226,57 +227,93 @@ class CacheSlot:
     def prepare(self, model: Any, step: str) -> None:
         """Capture the CUDA graph now if the step needs one (it runs two steps on the cache),
         then leave the cache empty: call before putting any prompt in."""
-        if step == "cuda-graph" and self.graph is None:
+        if step == "cuda-graph" and self.graph is None and self.failed is None:
             self.capture(model, self.graph_pool)
         self.cache.reset()
 
     # --- CUDA graph -------------------------------------------------------------------------
 
     def capture(self, model: Any, pool: Any = None) -> None:
-        """Warm the step up on a side stream (cuBLAS handles, lazy inits), then capture it."""
+        """Warm the step up on a side stream (cuBLAS handles, lazy inits), then capture it.
+        A step that cannot be captured (a host sync crept in) falls back to eager kernels."""
         import torch
 
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                static_step(model, self.cache, self.tokens, self.pos, self.attn2d)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.graph_logits = static_step(model, self.cache, self.tokens, self.pos, self.attn2d)
-        self.graph = graph
+        try:
+            stream = torch.cuda.Stream(device=self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    static_step(model, self.cache, self.tokens, self.pos, self.attn2d)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.graph_logits = static_step(model, self.cache, self.tokens, self.pos, self.attn2d)
+            self.graph = graph
+        except RuntimeError as exc:
+            self.graph, self.failed = None, f"CUDA graph capture failed ({_first_line(exc)}); eager step"
         self.cache.reset()
 
     def graph_replay(self, model: Any) -> Any:
-        if self.graph is None:  # warm-up: no prompt in the cache yet
+        if self.graph is None and self.failed is None:  # warm-up: no prompt in the cache yet
             self.capture(model, self.graph_pool)
+        if self.graph is None:
+            return static_step(model, self.cache, self.tokens, self.pos, self.attn2d)
         self.graph.replay()
         return self.graph_logits
 
     # --- torch.compile ----------------------------------------------------------------------
 
-    def compiled_call(self, model: Any) -> Any:
+    def compiled_call(self, model: Any, compiled: Any) -> Any:
+        """The pool's compiled step on this slot (batch and length are dynamic dimensions:
+        one compilation serves every bucket; CUDA graphs are recorded per shape)."""
         import torch
 
-        if self.compiled is None:
-            self.compiled = compile_step(torch, model, self.cache)
+        if self.failed is not None or compiled is None:
+            return static_step(model, self.cache, self.tokens, self.pos, self.attn2d)
+        if not self.marked:
+            self._mark_dynamic(torch)
         torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(self.tokens, self.pos, self.attn2d)
+        try:
+            return compiled(self.cache, self.tokens, self.pos, self.attn2d)
+        except torch._dynamo.exc.TorchDynamoException as exc:  # raised while compiling: nothing ran
+            self.failed = f"torch.compile failed ({type(exc).__name__}: {_first_line(exc)}); eager step"
+            return static_step(model, self.cache, self.tokens, self.pos, self.attn2d)
+
+    def _mark_dynamic(self, torch: Any) -> None:
+        mark = torch._dynamo.maybe_mark_dynamic
+        for layer in self.cache.layers:
+            for buf in (layer.keys, layer.values):
+                mark(buf, 0)
+                mark(buf, 2)
+        mark(self.tokens, 0)
+        mark(self.pos, 1)
+        mark(self.attn2d, 0)
+        mark(self.attn2d, 1)
+        self.marked = True
 
 
-def compile_step(torch: Any, model: Any, cache: Any, mode: str = "reduce-overhead", backend: str = "inductor") -> Any:
-    """``torch.compile`` of the static step for one cache (one graph per cache shape)."""
-    for name in ("recompile_limit", "cache_size_limit"):  # one entry per pooled cache
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def compile_step(torch: Any, model: Any, mode: str = "reduce-overhead", backend: str = "inductor",
+                 dynamic: bool | None = None) -> Any:
+    """``torch.compile`` of the static step, the cache an argument (one compiled graph for
+    batch 1 and one for larger batches: dynamo specialises size 1; every length shares them)."""
+    for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    triton = getattr(getattr(torch, "_inductor", None), "config", None)
+    if triton is not None and hasattr(triton.triton, "cudagraph_dynamic_shape_warn_limit"):
+        triton.triton.cudagraph_dynamic_shape_warn_limit = None  # a graph per bucket is intended
 
-    def step(tokens, pos, attn2d):
+    def step(cache, tokens, pos, attn2d):
         return static_step(model, cache, tokens, pos, attn2d)
 
     if backend != "inductor":
-        return torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
-    return torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+        return torch.compile(step, backend=backend, fullgraph=True, dynamic=dynamic)
+    return torch.compile(step, mode=mode, fullgraph=True, dynamic=dynamic)
 
 
 class CachePool:
@@ -288,7 +325,16 @@ class CachePool:
         self.keep = keep
         self.slots: OrderedDict[tuple[int, int], CacheSlot] = OrderedDict()
         self.graph_pool: Any = None
+        self.compiled: Any = None
         self.lock = threading.Lock()
+
+    def compiled_step(self) -> Any:
+        """The pool's one torch.compile'd step (compiled lazily at its first call)."""
+        if self.compiled is None:
+            import torch
+
+            self.compiled = compile_step(torch, self.model)
+        return self.compiled
 
     def acquire(self, batch: int, length: int) -> CacheSlot:
         with self.lock:
@@ -299,6 +345,7 @@ class CachePool:
             else:
                 slot = CacheSlot(self.model, batch, length)
                 slot.graph_pool = self._graph_pool()
+                slot.pool_compiled = self.compiled_step
                 self.slots[key] = slot  # a busy slot of the same key is replaced (rare)
                 self._evict()
             slot.busy = True
@@ -321,4 +368,4 @@ class CachePool:
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"batch": b, "length": n, "bytes": s.nbytes, "graph": s.graph is not None,
-                 "compiled": s.compiled is not None} for (b, n), s in self.slots.items()]
+                 "fallback": s.failed} for (b, n), s in self.slots.items()]

@@ -117,9 +117,12 @@ class Engine:
             engine.warmup()
         return engine
 
-    def warmup(self, batches: Sequence[int] = (1,), up_to: int | None = None) -> float:
+    def warmup(self, batches: Sequence[int] = (1, 2), up_to: int | None = None) -> float:
         """Compile / capture the decode step ahead of the first request (what `qvl launch` pays
-        before it says ready); returns and keeps the seconds it took (0 when nothing to do)."""
+        before it says ready) for these batch sizes and every cache bucket up to ``up_to``
+        positions (4096); returns and keeps the seconds it took (0 when nothing to do).
+        With torch.compile, batch 1 and batch 2 compile the two graphs every later shape
+        reuses (only a CUDA graph is recorded for a new shape)."""
         from . import fastpath
 
         with self.lock:

@@ -159,6 +159,16 @@ def make_engine(torch, model, processor, folder, mode, on_gpu, args):
     return engine, decode
 
 
+def _release(torch) -> None:
+    import gc
+
+    if hasattr(torch, "_dynamo"):
+        torch._dynamo.reset()  # compiled steps and their CUDA graph pools
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _batch_buckets(n: int) -> list[int]:
     out, b = [], 1
     while b < n:
@@ -293,7 +303,8 @@ def main(argv=None) -> int:
         rows[f"qvl {mode}"] = row
         if args.concurrency and mode == args.modes[0]:
             conc = {c: concurrency_run(torch, engine, messages, c, args) for c in args.concurrency}
-        del engine
+        engine = None  # free its caches and graphs before the next mode
+        _release(torch)
     report(args, info, sizes, rows, conc, on_gpu)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "machine": info,
@@ -303,16 +314,18 @@ def main(argv=None) -> int:
 
 def report(args, info, sizes, rows, conc, on_gpu) -> None:
     gbs = sizes["per_token"] / 1e9
-    tbs, source = setup.bandwidth(info.get("gpu", ""), args.bandwidth_tbs) if on_gpu else (None, "CPU: not applicable")
+    tbs, source = (setup.bandwidth(info.get("gpu", ""), args.bandwidth_tbs) if on_gpu
+                   else (None, "CPU: not applicable"))
     limit = tbs * 1e12 / sizes["per_token"] if tbs else None
     print(f"machine: {info.get('gpu', info['cpu'])}, driver {info.get('driver', '-')}, torch {info['torch']}, "
-          f"transformers {info['transformers']}, CUDA {info.get('cuda', '-')}, flash_attn {info.get('flash_attn', '-')}")
+          f"transformers {info['transformers']}, CUDA {info.get('cuda', '-')}, "
+          f"flash_attn {info.get('flash_attn', '-')}")
     print(f"bytes per decoded token: decoder {sizes['decoder'] / 1e9:.3f} GB + lm_head {sizes['lm_head'] / 1e9:.3f} GB "
           f"= {gbs:.3f} GB (KV {sizes['kv_per_token'] / 1024:.0f} KiB per context token; weights "
           f"{sizes['weights'] / 1e9:.2f} GB); bandwidth {tbs or '-'} TB/s ({source}); "
           f"limit {f'{limit:.0f} tok/s' if limit else '-'} at batch 1")
     ref = rows.get("reference")
-    print(f"\n| path | prompt tokens | TTFT ms | decode tok/s | x reference | % of limit | peak GB | warm-up s |")
+    print("\n| path | prompt tokens | TTFT ms | decode tok/s | x reference | % of limit | peak GB | warm-up s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         ratio = f"{r['tok_s'] / ref['tok_s']:.2f}" if ref and name != "reference" else "-"

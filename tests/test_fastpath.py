@@ -227,15 +227,17 @@ def test_the_static_step_traces_as_one_graph(model):
     from qvl_cli.decode_step import CachePool, compile_step
 
     slot = CachePool(model).acquire(2, 256)
-    step = compile_step(torch, model, slot.cache, backend="eager")  # fullgraph=True: a break raises
+    step = compile_step(torch, model, backend="eager", dynamic=False)  # fullgraph=True: a break raises
     with torch.inference_mode():
-        logits = step(slot.tokens, slot.pos, slot.attn2d)
+        logits = step(slot.cache, slot.tokens, slot.pos, slot.attn2d)
     assert logits.shape == (2, model.config.text_config.vocab_size)
     assert int(slot.cache.layers[0].cumulative_length) == 1
 
 
 @pytest.mark.slow
 def test_compiled_step_matches_generate_without_recompiling_for_new_prompts(model, processor, prompts):
+    """One compilation (batch and cache length are dynamic) serves every prompt length and
+    cache bucket; the answers are generate's."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -245,9 +247,11 @@ def test_compiled_step_matches_generate_without_recompiling_for_new_prompts(mode
     compiled = counters["stats"]["unique_graphs"]
     text_only = processor(text=[_text(processor, "Tell me a long story about a red ball.", False)],
                           return_tensors="pt")
-    for inputs in (prompts["single"], text_only):
-        ref, out = _both(model, processor, decoder, inputs, dict(GREEDY, min_new_tokens=24))
+    for inputs, new in ((prompts["single"], 24), (text_only, 300)):  # buckets 256 and 512
+        ref, out = _both(model, processor, decoder, inputs, dict(GREEDY, min_new_tokens=new), max_new_tokens=new)
         assert torch.equal(out, ref)
+    assert [s["length"] for s in decoder.pool.describe()] == [256, 512]
+    assert all(s["fallback"] is None for s in decoder.pool.describe())
     assert counters["stats"]["unique_graphs"] == compiled, "a new prompt length recompiled the step"
 
 
