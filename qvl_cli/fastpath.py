@@ -154,6 +154,10 @@ class _Readback:
     slots: list[tuple[Any, Any]] = field(default_factory=list)
     turn: int = 0
 
+    @property
+    def asynchronous(self) -> bool:
+        return bool(self.slots) and self.slots[0][1] is not None
+
     @classmethod
     def make(cls, torch: Any, batch: int, device: Any) -> _Readback:
         pinned = getattr(device, "type", str(device)).startswith("cuda")
@@ -246,6 +250,7 @@ class FastDecoder:
         import torch
 
         readback = _Readback.make(torch, ids.shape[0], ids.device)
+        ahead = readback.asynchronous  # on a GPU, queue step i+1 before waiting for token i
         host_ids = ids[:, :prompt].cpu()
         unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
         finished_host = [False] * ids.shape[0]
@@ -258,8 +263,9 @@ class FastDecoder:
                 unfinished &= ~torch.isin(tokens, sampler.eos)
             ids[:, prompt + i] = tokens
             sent = readback.send(tokens)
-            if i + 1 < max_new:
-                logits = runner.step(tokens)  # queued before the host waits for token i
+            more = i + 1 < max_new
+            if ahead and more:
+                logits = runner.step(tokens)
             new = readback.receive(sent)
             done = i + 1
             if streamer is not None:
@@ -267,6 +273,8 @@ class FastDecoder:
             host_ids = torch.cat([host_ids, torch.tensor(new, dtype=torch.long)[:, None]], dim=1)
             if self._should_stop(new, finished_host, sampler, stopping_criteria, host_ids):
                 break
+            if more and not ahead:  # on a CPU nothing runs ahead: deliver first, then step
+                logits = runner.step(tokens)
         return ids[:, :prompt + done]
 
     @staticmethod
