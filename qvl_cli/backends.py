@@ -52,7 +52,7 @@ def load_local(request: LocalRequest, engine_options: Any) -> Backend:
     with render.spinner(f"loading {name}", quiet=request.quiet):
         engine = Engine.load(local.path, engine_options, context_length=context)
     described = engine.describe()
-    for note in engine.plan.notes:
+    for note in engine.notes:
         render.warn(note)
     if not request.quiet:
         render.status(f"loaded {name} on {described['device']} ({described['dtype']}, {described['attn']}) "
@@ -65,7 +65,7 @@ def load_local(request: LocalRequest, engine_options: Any) -> Backend:
         prepared = engine.prepare(messages)
         if request.verbose:
             for info in prepared.media:
-                render.status(str(info))
+                render.status(info.describe())
         yield from engine.stream(messages, params, prepared=prepared)
 
     return Backend(name, respond, {"model": name, **described})

@@ -38,6 +38,9 @@ class ChatRequest:
     stats: bool = False
     verbose: bool = False
     quiet: bool = False
+    endpoint: str | None = None  # --endpoint URL: any OpenAI-compatible server
+    model_uid: str | None = None  # --model-uid UID: a model `qvl launch` started
+    api_key: str | None = None
 
 
 def image_video_options(flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -79,7 +82,7 @@ def resolve_for_loading(spec_flags: dict[str, Any], engine_options: Any, model_p
     no spec to check."""
     from dataclasses import replace
 
-    from . import fit
+    from . import fit, quant
 
     if model_path is not None and all(v is None for v in spec_flags.values()):
         return None, engine_options
@@ -88,6 +91,7 @@ def resolve_for_loading(spec_flags: dict[str, Any], engine_options: Any, model_p
     if result.choice and result.choice.reason:
         render.status(result.choice.reason)
     if model_path is None:
+        quant.require_backend(result.spec.model_format, engine_options.device)  # before any download
         result.require(force)
     options = replace(engine_options, model_format=result.spec.model_format)
     if result.placement and not (options.gpu_idx or options.n_gpu) and options.device != "cpu":
@@ -96,7 +100,14 @@ def resolve_for_loading(spec_flags: dict[str, Any], engine_options: Any, model_p
 
 
 def open_backend(request: ChatRequest) -> Backend:
-    """The model loaded in this process (a launched model when one is meant: see remote)."""
+    """A launched model or a server when one is meant (see remote.pick_target), else the model
+    loaded in this process."""
+    from . import remote
+
+    in_process = request.model_path is not None or any(v is not None for v in request.spec_flags.values())
+    target = remote.pick_target(request.endpoint, request.model_uid, request.api_key, in_process)
+    if target is not None:
+        return remote.open_backend(target, quiet=request.quiet)
     spec, options = resolve_for_loading(request.spec_flags, request.engine_options, request.model_path,
                                         request.force)
     return load_local(LocalRequest(spec, request.model_path, request.revision, request.offline,

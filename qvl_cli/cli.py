@@ -13,12 +13,13 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__, render, settings
-from .errors import EXIT_FAILURE, QvlError, translate
-from .options import (Attn, Compile, ContextLength, DecodeLoop, Device, DownloadHub, DryRun, Dtype, Fit, Force,
-                      Fps, GpuIdx, GpuPreprocess, Images, JsonOutput, MaxFrames, MaxMemory, MaxPixels,
-                      MaxTokens, MinPixels, ModelEngine, ModelFormat, ModelName, ModelPath, NGpu, Offline,
-                      Quantization, Quiet, RepetitionPenalty, Revision, Seed, SizeInBillions, StaticCache,
-                      Stop, Temperature, TopK, TopP, VideoEnd, VideoStart, Videos, Yes)
+from .errors import EXIT_FAILURE, QvlError, UsageError, translate
+from .options import (AllowLocalMedia, AllowRemoteMedia, ApiKey, Attn, Compile, ContextLength, DecodeLoop, Device,
+                      DownloadHub, DryRun, Dtype, Endpoint, Fit, Force, Foreground, Fps, GpuIdx, GpuPreprocess, Host,
+                      Images, JsonOutput, MaxBatch, MaxBodyMb, MaxFrames, MaxMemory, MaxPixels, MaxQueue, MaxTokens,
+                      MinPixels, ModelEngine, ModelFormat, ModelName, ModelPath, ModelUid, NGpu, Offline, Port,
+                      Quantization, Quiet, RepetitionPenalty, Revision, Seed, SizeInBillions, StaticCache, Stop,
+                      Temperature, TopK, TopP, VideoEnd, Videos, VideoStart, Yes)
 
 APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language models.
 
@@ -31,6 +32,8 @@ APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language mode
   qvl resolve -s auto                    the largest spec that fits the GPUs, and its memory
   qvl download -s 7 -f awq               fetch it into the Hugging Face (or ModelScope) cache
   qvl cached                             what is in the caches
+  qvl launch -s 2                        serve it (OpenAI API) in the background
+  qvl list                               the launched models; qvl terminate UID stops one
 """
 
 
@@ -294,11 +297,118 @@ def _confirm(question: str) -> bool:
         return False
 
 
+# --- launched models: launch, list, terminate ---------------------------------------------
+
+
+@app.command(epilog=examples(
+    "qvl launch -s 2", "qvl launch -s 7 -f awq --port 8000",
+    "qvl launch --model-path ./Qwen2-VL-2B-Instruct --model-uid vl",
+    "qvl launch -s auto --host 0.0.0.0 --api-key KEY --foreground"))
+def launch(
+    model_name: ModelName = None,
+    model_engine: ModelEngine = None,
+    size_in_billions: SizeInBillions = None,
+    model_format: ModelFormat = None,
+    quantization: Quantization = None,
+    download_hub: DownloadHub = None,
+    model_path: ModelPath = None,
+    revision: Revision = None,
+    offline: Offline = False,
+    device: Device = "auto",
+    gpu_idx: GpuIdx = None,
+    n_gpu: NGpu = None,
+    max_memory: MaxMemory = None,
+    dtype: Dtype = "auto",
+    attn: Attn = "auto",
+    context_length: ContextLength = None,
+    max_pixels: MaxPixels = None,
+    force: Force = False,
+    model_uid: ModelUid = None,
+    host: Host = "127.0.0.1",
+    port: Port = None,
+    api_key: ApiKey = None,
+    foreground: Foreground = False,
+    allow_local_media: AllowLocalMedia = None,
+    allow_remote_media: AllowRemoteMedia = False,
+    max_queue: MaxQueue = 32,
+    max_batch: MaxBatch = 1,
+    max_body_mb: MaxBodyMb = 64,
+    quiet: Quiet = False,
+    json_output: JsonOutput = False,
+) -> None:
+    """Start a model as an OpenAI-compatible server in the background and print its endpoint."""
+    from dataclasses import asdict
+
+    from . import devices, launcher, memory
+
+    key = launcher.default_api_key(api_key)
+    launcher.warn_exposed(host, key)
+    engine = devices.engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn)
+    launcher.check_port_free(host, port)
+    choice = launcher.choose_model(
+        dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,
+             model_format=model_format, quantization=quantization, hub=download_hub),
+        model_path, memory.workload(context_length, max_pixels), gpu_idx, force, model_uid, revision,
+        offline, quiet)
+    config = launcher.server_config(
+        choice, asdict(engine), host, port, context_length=context_length, max_pixels=max_pixels,
+        allow_local_media=allow_local_media, allow_remote_media=allow_remote_media, max_queue=max_queue,
+        max_batch=max_batch, max_body_bytes=max_body_mb * 2**20, foreground=foreground)
+    show = (lambda entry: render.print_json(entry.to_dict())) if json_output else _show_launched
+    if foreground:
+        raise typer.Exit(launcher.run_foreground(config, key, on_ready=show))
+    show(launcher.start(config, key, quiet))
+
+
+def _show_launched(entry) -> None:
+    from . import launcher
+
+    render.key_values(launcher.summary(entry), title=f"{entry.uid} is running")
+    typer.echo("\n" + launcher.examples(entry))
+
+
+@app.command("list", epilog=examples("qvl list", "qvl list --json"))
+def list_models(json_output: JsonOutput = False) -> None:
+    """List the models started with `qvl launch` that are running."""
+    from . import launcher, registry
+
+    entries = registry.entries()
+    if json_output:
+        render.print_json([e.to_dict() for e in entries])
+    elif not entries:
+        render.status("no launched model is running; start one with `qvl launch -s 2`")
+    else:
+        render.table(["uid", "spec", "endpoint", "pid", "uptime", "state", "GPU memory"],
+                     launcher.rows(entries))
+
+
+@app.command(epilog=examples("qvl terminate qwen2-vl-instruct-2b-pytorch", "qvl terminate --all"))
+def terminate(
+    model_uid: Annotated[Optional[str], typer.Argument(metavar="UID", help="The model to stop.",
+                                                       show_default=False)] = None,
+    all_models: Annotated[bool, typer.Option("--all", help="Stop every launched model.")] = False,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=0, help="Seconds to wait for a clean stop before killing it.")] = 10.0,
+) -> None:
+    """Stop a launched model (SIGTERM, then SIGKILL after --timeout) and forget it."""
+    from . import launcher, registry
+
+    if all_models == (model_uid is not None):
+        raise UsageError("give either a model UID or --all", "see the running models with `qvl list`")
+    targets = registry.entries() if all_models else [registry.find(model_uid)]
+    if not targets:
+        render.status("no launched model is running")
+    for entry in targets:
+        outcome = launcher.terminate(entry, timeout)
+        render.status(f"{entry.uid}: {outcome} (pid {entry.pid})")
+
+
 @app.command(epilog=examples(
     'qvl chat --image photo.jpg "What is in this picture?"',
     'qvl chat -s 7 -f awq --video clip.mp4 --fps 1 "Summarise the clip"',
     "qvl chat --model-path ./my-checkpoint          (interactive; /help inside)",
-    'echo "Describe it" | qvl chat --image x.png --json -'))
+    'echo "Describe it" | qvl chat --image x.png --json -',
+    'qvl chat --model-uid qwen2-vl-instruct-2b-pytorch "Hello"     (a model started with qvl launch)'))
 def chat(
     prompt: Annotated[Optional[str], typer.Argument(
         metavar="PROMPT", help="The question; - reads it from stdin. Without it: an interactive chat.", show_default=False)] = None,
@@ -314,6 +424,7 @@ def chat(
     device: Device = "auto", gpu_idx: GpuIdx = None, n_gpu: NGpu = None, max_memory: MaxMemory = None,
     dtype: Dtype = "auto", attn: Attn = "auto", compile_mode: Compile = "auto", static_cache: StaticCache = "auto",
     decode_loop: DecodeLoop = "auto", gpu_preprocess: GpuPreprocess = "auto", force: Force = False,
+    endpoint: Endpoint = None, model_uid: ModelUid = None, api_key: ApiKey = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, usage, timings).")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speed on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Print each image's and video's size, frames "
@@ -339,7 +450,8 @@ def chat(
                                                seed, tuple(stop or ())),
         engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn,
                                      **fast),
-        json_output=json_output, stats=stats, verbose=verbose, quiet=quiet)
+        json_output=json_output, stats=stats, verbose=verbose, quiet=quiet,
+        endpoint=endpoint, model_uid=model_uid, api_key=api_key)
     raise typer.Exit(chat_run.run(request))
 
 

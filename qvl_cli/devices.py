@@ -175,3 +175,23 @@ def _free_gib(torch: Any, index: int) -> int:
     """Memory accelerate may use on one GPU when the user gave no --max-memory (90% of free)."""
     free, _total = torch.cuda.mem_get_info(index)
     return max(1, int(free * 0.9 / 2**30))
+
+
+def engine_options(device: str = "auto", gpu_idx: str | None = None, n_gpu: int | None = None,
+                   max_memory: str | None = None, dtype: str = "auto", attn: str = "auto",
+                   model_format: str = "pytorch") -> Any:
+    """The engine flags of `launch` and `chat` -> EngineOptions, with the cheap checks done now
+    (before any download or model load)."""
+    from .engine import EngineOptions
+
+    if device.lower() not in ("auto", "cuda", "cpu"):
+        raise UsageError(f"unknown --device {device!r}", "use auto, cuda or cpu")
+    if dtype.lower() != "auto" and dtype.lower() not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}", "use auto, bfloat16, float16 or float32")
+    if attn.lower() not in ATTNS:
+        raise UsageError(f"unknown --attn {attn!r}", "use " + ", ".join(ATTNS))
+    if max_memory:
+        parse_max_memory(max_memory, tuple(range(64)))  # the syntax; GPU numbers are checked at load
+    return EngineOptions(device=device.lower(), gpu_idx=parse_gpu_idx(gpu_idx), n_gpu=n_gpu,
+                         max_memory=max_memory, dtype=dtype.lower(), attn=attn.lower(),
+                         model_format=model_format)

@@ -13,11 +13,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import devices
+from . import devices, quant
 from .errors import EngineError, PromptTooLong, translate
 from .generation import DEFAULT_MAX_TOKENS, Chunk, GenerationParams, TokenStream
 
@@ -64,10 +64,12 @@ class Job:
 
 class Engine:
     def __init__(self, model: Any, processor: Any, plan: devices.Plan, path: Path,
-                 context_length: int, load_seconds: float, decoder: Any = None) -> None:
+                 context_length: int, load_seconds: float, notes: tuple[str, ...] = (),
+                 decoder: Any = None) -> None:
         from . import fastpath
 
         self.model = model
+        self.notes = notes  # what the user should know about how it runs (print them on stderr)
         self.processor = processor
         self.plan = plan
         self.path = path
@@ -77,6 +79,9 @@ class Engine:
         # model.generate, or qvl's fast loop: called with generate's arguments
         self.decoder = decoder or fastpath.make_decoder(model, fastpath.DecodeConfig(), context_length)
         self.warmup_seconds = 0.0
+        from .vision import VisionDefaults
+
+        self.vision_defaults = VisionDefaults()  # qvl's defaults: images at most 1280*28*28 pixels
         tokenizer = processor.tokenizer
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
@@ -90,6 +95,10 @@ class Engine:
              context_length: int | None = None) -> Engine:
         path = Path(path)
         start = time.perf_counter()
+        quantized = quant.inspect(path)  # AWQ / GPTQ, whatever --model-format said
+        if quantized:  # the packages first, before torch is imported; the CPU kernels below
+            quant.require_backend(quantized.method, "cpu" if options.device == "cpu" else "cuda")
+            options = replace(options, model_format=quantized.method)
         _quiet_libraries()
         import torch
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
@@ -98,12 +107,16 @@ class Engine:
 
         plan = devices.plan(torch, options)
         decode = fastpath.resolve(options, bool(plan.gpus), len(plan.gpus) <= 1, plan.attn)
+        notes = list(plan.notes) + list(decode.notes)
         try:
+            extra = _quantized_load_kwargs(path, quantized, plan, notes) if quantized else {}
             model = Qwen2VLForConditionalGeneration.from_pretrained(
                 path, dtype=plan.dtype, attn_implementation=fastpath.attn_implementation(plan.attn, decode),
-                **plan.load_kwargs)
+                **plan.load_kwargs, **extra)
             if plan.device_map is None:
                 model.to(plan.device)
+            if quantized and not plan.gpus:
+                quant.drop_compiled_kernels(model)
             model.eval()
             processor = AutoProcessor.from_pretrained(path)
         except (OSError, ValueError, KeyError, RuntimeError, ImportError, NameError) as exc:
@@ -111,7 +124,7 @@ class Engine:
                 f"cannot load the model from {path}: {type(exc).__name__}: {_first_line(exc)}",
                 "check that the folder holds a complete Qwen2-VL checkpoint (`qvl verify`)") from exc
         context = context_length or getattr(model.config.get_text_config(), "max_position_embeddings", 32768)
-        engine = cls(model, processor, plan, path, context, time.perf_counter() - start,
+        engine = cls(model, processor, plan, path, context, time.perf_counter() - start, tuple(notes),
                      decoder=fastpath.make_decoder(model, decode, context))
         if options.warmup:
             engine.warmup()
@@ -133,21 +146,25 @@ class Engine:
 
     # --- inputs ---------------------------------------------------------------------------
 
-    def prepare(self, messages: list[dict[str, Any]]) -> Prepared:
-        """Render the chat template, load and size the media, tokenize: the model inputs."""
-        from . import media
+    def prepare(self, messages: list[dict[str, Any]], policy: Any = None) -> Prepared:
+        """Render the chat template, load and size the media, tokenize: the model inputs.
+
+        ``policy`` (a media.MediaPolicy) limits what the media may be: the server passes
+        its own so that a request cannot read local files; the default allows everything."""
+        from . import media, vision
 
         start = time.perf_counter()
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        images, videos, video_kwargs, infos = media.prepare_vision(messages)
-        inputs = self.processor(text=[text], images=images, videos=videos, padding=True,
-                                return_tensors="pt", **video_kwargs, **self._preprocess_kwargs(images, videos))
+        visual = vision.prepare_vision(messages, self.vision_defaults, policy or media.PERMISSIVE)
+        inputs = self.processor(text=[text], images=visual.images, videos=visual.videos, padding=True,
+                                return_tensors="pt", **visual.processor_kwargs(),
+                                **self._preprocess_kwargs(visual.images, visual.videos))
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         if prompt_tokens >= self.context_length:
             raise PromptTooLong(
                 f"the prompt is {prompt_tokens} tokens long; the model's context length is {self.context_length}",
                 "shorten the conversation (/clear), or lower --max-pixels / --fps / --max-frames")
-        return Prepared(inputs, prompt_tokens, infos, time.perf_counter() - start)
+        return Prepared(inputs, prompt_tokens, list(visual.infos), time.perf_counter() - start)
 
     # --- generation -----------------------------------------------------------------------
 
@@ -316,8 +333,8 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "device": self.plan.describe(), "dtype": self.plan.dtype_name,
                 "attn": self.plan.attn, "context_length": self.context_length,
-                "load_seconds": round(self.load_seconds, 2), **self.decoder.describe(),
-                "warmup_seconds": round(self.warmup_seconds, 2)}
+                "load_seconds": round(self.load_seconds, 2), "notes": list(self.notes),
+                **self.decoder.describe(), "warmup_seconds": round(self.warmup_seconds, 2)}
 
 
 class _QueueStreamer:
@@ -355,6 +372,45 @@ def _cancel_criteria(cancel: threading.Event):
                               device=input_ids.device)
 
     return StoppingCriteriaList([Cancelled()])
+
+
+def _quantized_load_kwargs(path: Path, quantized: quant.Quantized, plan: devices.Plan,
+                           notes: list[str]) -> dict[str, Any]:
+    """Check the backend for the planned device, import it quietly, and return the
+    ``from_pretrained`` arguments: the config with the normalised quantization config."""
+    from transformers import AutoConfig
+
+    backend = quant.require_backend(quantized.method, "cuda" if plan.gpus else "cpu")
+    notes += [*quantized.notes, *backend.notes]
+    _import_quant_backend(quantized.method)
+    config = AutoConfig.from_pretrained(path)
+    config.quantization_config = quantized.load_config(on_gpu=bool(plan.gpus))
+    return {"config": config}
+
+
+def _import_quant_backend(method: str) -> None:
+    """Import gptqmodel (and optimum) with its start-up banner and logs kept off stdout.
+
+    gptqmodel prints a banner, environment changes and warnings on stdout when imported,
+    where qvl's answers go. They are dropped (shown on stderr with QVL_DEBUG=1), and its
+    logger is then kept to errors. Called after the device plan, so that the
+    CUDA_DEVICE_ORDER it sets for its own use does not renumber the GPUs qvl planned on.
+    """
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import sys
+
+    from . import settings
+
+    debug = settings.debug()
+    with contextlib.redirect_stdout(sys.stderr if debug else io.StringIO()):
+        importlib.import_module("gptqmodel")
+        if method == "gptq":
+            importlib.import_module("optimum.gptq")
+    if not debug:
+        logging.getLogger("logbar").setLevel(logging.ERROR)
 
 
 def _first_line(exc: BaseException) -> str:

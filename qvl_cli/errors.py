@@ -138,6 +138,23 @@ def _is_instance_named(exc: BaseException, names: set[str]) -> bool:
     return any(cls.__name__ in names for cls in type(exc).__mro__)
 
 
+def _missing_quant_backend(exc: BaseException) -> str | None:
+    """'awq' / 'gptq' when transformers failed for want of gptqmodel or optimum.
+
+    transformers 5.x says so with an ImportError naming the package, or (GPTQ without
+    gptqmodel) `NameError: name 'QuantizeConfig' is not defined`, or (GPTQ on a machine
+    without CUDA and without gptqmodel) `RuntimeError: GPU is required to ... quantize model`.
+    """
+    text = str(exc)
+    if isinstance(exc, NameError) and "QuantizeConfig" in text:
+        return "gptq"
+    if isinstance(exc, RuntimeError) and "GPU is required to quantize" in text:
+        return "gptq"
+    if isinstance(exc, ImportError) and ("gptqmodel" in text or "optimum" in text):
+        return "awq" if "AWQ" in text else "gptq"
+    return None
+
+
 def translate(exc: BaseException) -> QvlError | None:
     """Map a known third-party exception to a QvlError, or None when it is unknown.
 
@@ -165,6 +182,11 @@ def translate(exc: BaseException) -> QvlError | None:
         )
     if _is_instance_named(exc, {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout"}):
         return HubUnreachable(one_line(exc), "check your network or set HF_ENDPOINT to a mirror")
+    quant_backend = _missing_quant_backend(exc)
+    if quant_backend:
+        return MissingDependency(
+            f"{quant_backend.upper()} checkpoints need packages that are not installed: "
+            f'pip install "qvl[{quant_backend}]"', f"transformers said: {one_line(exc, 160)}")
     if _is_instance_named(exc, {"DecompressionBombError"}):
         return MediaError(one_line(exc), "pass a smaller image")
     if _is_instance_named(exc, {"UnidentifiedImageError"}):

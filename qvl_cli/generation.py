@@ -42,7 +42,8 @@ class GenerationParams:
         ]
         for name, value, ok, wanted in checks:
             if value is not None and (isinstance(value, bool) or not ok(value)):
-                raise UsageError(f"{name} must be {wanted}, not {value}", f"fix the value of {name}")
+                raise UsageError(f"{name} must be {wanted}, not {value}",
+                                 f"set --{name.replace('_', '-')} (\"{name}\" in a request) to {wanted}")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise UsageError("stop sequences must be non-empty strings", "fix --stop / 'stop'")
         if len(self.stop) > 16:

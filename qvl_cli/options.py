@@ -44,9 +44,9 @@ ContextLength = Annotated[Optional[int], typer.Option(
     "--context-length", min=1, help="Tokens of KV cache to plan memory for (default: the model's "
     "context length, 32768).", rich_help_panel=MEMORY_PANEL, show_default=False)]
 MaxPixels = Annotated[Optional[int], typer.Option(
-    "--max-pixels", metavar="N", help="Pixel budget of one image or video frame: larger ones "
-    "are scaled down to it (default 1280*28*28 = 1003520, about 1,280 visual tokens, for images; "
-    "768*28*28 and a 24,576-token budget over all frames for videos).", rich_help_panel="Images and videos",
+    "--max-pixels", metavar="N", help="Upper bound on the pixels of each image and video frame "
+    "after resizing (default for images: 1003520 = 1280*28*28, about 1,280 visual tokens; video frames: "
+    "602112 = 768*28*28, lowered further for long clips).", rich_help_panel="Images and videos",
     show_default=False)]
 Force = Annotated[bool, typer.Option(
     "--force", help="Go ahead even when the memory estimate says the model will not fit.",
@@ -111,8 +111,8 @@ Videos = Annotated[Optional[list[str]], typer.Option(
     "--video", metavar="VIDEO", help="A video file (mp4, webm, mkv, mov, avi) or a folder of frame images. "
     "Repeatable.", rich_help_panel=MEDIA_PANEL, show_default=False)]
 MinPixels = Annotated[Optional[int], typer.Option(
-    "--min-pixels", metavar="N", help="Smallest pixel count an image or video frame is scaled up "
-    "to (default 4*28*28 for images; 128*28*28 for frames).", rich_help_panel=MEDIA_PANEL, show_default=False)]
+    "--min-pixels", metavar="N", help="Lower bound on the pixels of each image and video frame "
+    "after resizing (default: 3136 for images, 100352 for video frames).", rich_help_panel=MEDIA_PANEL, show_default=False)]
 Fps = Annotated[Optional[float], typer.Option(
     "--fps", metavar="FPS", help="Frames per second sampled from a video (default 2).",
     rich_help_panel=MEDIA_PANEL, show_default=False)]
@@ -159,3 +159,43 @@ Quiet = Annotated[bool, typer.Option(
     rich_help_panel=HUB_PANEL)]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")]
+
+# --- served models (launch, list, terminate, chat) -------------------------------------
+
+SERVER_PANEL = "Server"
+
+ModelUid = Annotated[Optional[str], typer.Option(
+    "--model-uid", "-u", metavar="UID", help="Name of the launched model (default: the spec's, e.g. "
+    "qwen2-vl-instruct-7b-awq-int4; the folder's name with --model-path).", rich_help_panel=SERVER_PANEL,
+    show_default=False)]
+ApiKey = Annotated[Optional[str], typer.Option(
+    "--api-key", metavar="KEY", help="Key every request must send as 'Authorization: Bearer KEY' "
+    "(default: $QVL_API_KEY; none: no key needed).", rich_help_panel=SERVER_PANEL, show_default=False)]
+Endpoint = Annotated[Optional[str], typer.Option(
+    "--endpoint", metavar="URL", help="Talk to this OpenAI-compatible server (e.g. http://host:8000/v1) "
+    "instead of loading a model.", rich_help_panel=SERVER_PANEL, show_default=False)]
+Host = Annotated[str, typer.Option(
+    "--host", help="Address to listen on; 0.0.0.0 opens it to the network (then use --api-key).",
+    rich_help_panel=SERVER_PANEL)]
+Port = Annotated[Optional[int], typer.Option(
+    "--port", min=1, max=65535, help="Port to listen on (default: a free one).", rich_help_panel=SERVER_PANEL,
+    show_default=False)]
+Foreground = Annotated[bool, typer.Option(
+    "--foreground", help="Serve in this process until Ctrl-C / SIGTERM (for containers and service "
+    "managers) instead of in the background.", rich_help_panel=SERVER_PANEL)]
+AllowLocalMedia = Annotated[Optional[str], typer.Option(
+    "--allow-local-media", metavar="DIR", help="Let requests name local files (paths, file:// URLs), only "
+    "inside DIR. Default: requests can never read the server's files.", rich_help_panel=SERVER_PANEL,
+    show_default=False)]
+AllowRemoteMedia = Annotated[bool, typer.Option(
+    "--allow-remote-media", help="Let the server fetch http(s) image and video URLs (bounded in size and "
+    "time). Default: only inline data: URIs.", rich_help_panel=SERVER_PANEL)]
+MaxQueue = Annotated[int, typer.Option(
+    "--max-queue", min=1, help="Requests admitted at once (running + waiting); more are answered 429.",
+    rich_help_panel=SERVER_PANEL)]
+MaxBatch = Annotated[int, typer.Option(
+    "--max-batch", min=1, help="Decode up to this many waiting requests together (left-padded batch; "
+    "they must share temperature, top_p, top_k, seed). 1: one at a time.", rich_help_panel=SERVER_PANEL)]
+MaxBodyMb = Annotated[int, typer.Option(
+    "--max-body-mb", min=1, help="Largest request body in MiB (inline images and videos count); larger "
+    "ones are answered 413.", rich_help_panel=SERVER_PANEL)]

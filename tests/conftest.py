@@ -61,12 +61,11 @@ def qvl():
     return run_qvl
 
 
-def _load_make_tiny_model():
-    """scripts/make_tiny_model.py imported by path (scripts/ is not a package)."""
+def load_script(name: str):
+    """scripts/NAME.py imported by path (scripts/ is not a package)."""
     import importlib.util
 
-    path = REPO / "scripts" / "make_tiny_model.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_model", path)
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -78,7 +77,7 @@ def _build_tiny_model(tmp_path_factory, name: str, **options) -> Path:
     root = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as monkeypatch:
         _point_home_at(monkeypatch, root / "home")
-        return _load_make_tiny_model().make_tiny_model(root / "model", **options)
+        return load_script("make_tiny_model").make_tiny_model(root / "model", **options)
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +90,14 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_model_sharded(tmp_path_factory) -> Path:
     """The same checkpoint (same seed, same weights) in 2 shards with model.safetensors.index.json."""
     return _build_tiny_model(tmp_path_factory, "tiny-qwen2-vl-sharded", shards=2)
+
+
+@pytest.fixture(scope="session")
+def quantized_fixtures(tiny_model, tmp_path_factory) -> dict:
+    """{"awq" | "gptq-int4" | "gptq-int8": folder}: the tiny checkpoint in the published AWQ /
+    GPTQ formats (pure torch + safetensors, made once; loading them needs qvl[quant])."""
+    return load_script("make_quantized_fixtures").make_quantized_fixtures(
+        tiny_model, tmp_path_factory.mktemp("quantized"))
 
 
 def pytest_collection_modifyitems(config, items):

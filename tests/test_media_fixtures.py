@@ -8,7 +8,7 @@ import pytest
 from media_fixtures import frame_color, frame_index, make_frames, make_image, make_video
 
 
-def test_frame_colours_are_distinct_and_invertible():
+def test_frame_colors_are_distinct_and_invertible():
     assert len({frame_color(i) for i in range(256)}) == 256
     assert all(frame_index(frame_color(i)) == i for i in range(256))
     r, g, b = frame_color(37)
@@ -21,7 +21,7 @@ def test_make_image_and_frames(tmp_path):
     path = make_image(tmp_path / "sub" / "x.jpg", 90, 30, (10, 200, 30))
     with Image.open(path) as im:
         assert (im.format, im.size, im.mode) == ("JPEG", (90, 30), "RGB")
-        assert all(abs(a - b) <= 4 for a, b in zip(im.getpixel((45, 15)), (10, 200, 30)))
+        assert all(abs(a - b) <= 20 for a, b in zip(im.getpixel((33, 11)), (10, 200, 30)))  # the block, JPEG-blurred
     frames = make_frames(tmp_path / "frames", 5, 32, 16)
     assert [p.name for p in frames] == [f"frame_{i:03d}.png" for i in range(5)]
     with Image.open(frames[3]) as im:
@@ -32,7 +32,7 @@ def test_make_image_and_frames(tmp_path):
 def test_make_video_writes_the_frames_at_the_rate_and_size(tmp_path, fps):
     import av
 
-    path = make_video(tmp_path / "clip.mp4", seconds=2, fps=fps, w=64, h=48)
+    path = make_video(tmp_path / "clip.mp4", seconds=2, fps=fps, width=64, height=48)
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         assert (stream.codec_context.name, stream.width, stream.height) == ("h264", 64, 48)
@@ -45,16 +45,16 @@ def test_make_video_writes_the_frames_at_the_rate_and_size(tmp_path, fps):
 def test_other_codecs_and_containers(tmp_path):
     import av
 
-    path = make_video(tmp_path / "clip.avi", seconds=1, fps=4, w=32, h=32, codec="mpeg4")
+    path = make_video(tmp_path / "clip.avi", seconds=1, fps=4, width=32, height=32, codec="mpeg4")
     with av.open(str(path)) as container:
         frames = list(container.decode(video=0))
     assert len(frames) == 4 and frames[0].width == 32
 
 
-def test_qwen_vl_utils_sampling_is_visible_in_the_frame_colours(tmp_path):
+def test_qwen_vl_utils_sampling_is_visible_in_the_frame_colors(tmp_path):
     from qwen_vl_utils import process_vision_info
 
-    clip = make_video(tmp_path / "clip.mp4", seconds=2, fps=8, w=64, h=48)  # 16 frames
+    clip = make_video(tmp_path / "clip.mp4", seconds=2, fps=8, width=64, height=48)  # 16 frames
     _, videos = process_vision_info([{"role": "user", "content": [{"type": "video", "video": str(clip)}]}])
     video = videos[0]  # (T, C, H, W) float, resized; qwen-vl-utils samples 2 fps -> 4 frames
     centre = video[:, :, video.shape[2] // 2, video.shape[3] // 2]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, _load_make_tiny_model
+from conftest import REPO, load_script
 from media_fixtures import make_frames, make_image, make_video
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
@@ -48,7 +48,7 @@ def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
     return {"red": make_image(root / "red.png", 64, 48, (220, 20, 20)),
             "blue": make_image(root / "blue.jpg", 100, 80, (20, 20, 220)),
-            "clip": make_video(root / "clip.mp4", seconds=2, fps=8, w=64, h=48),
+            "clip": make_video(root / "clip.mp4", seconds=2, fps=8, width=64, height=48),
             "frames": make_frames(root / "frames", 6, 64, 48)}
 
 
@@ -94,7 +94,7 @@ def test_config_ids_match_the_tokenizer(tiny_model):
 
 
 def test_same_seed_gives_the_same_bytes_and_another_seed_other_weights(tiny_model, tmp_path):
-    make = _load_make_tiny_model().make_tiny_model
+    make = load_script("make_tiny_model").make_tiny_model
     again, other = make(tmp_path / "again", seed=0), make(tmp_path / "other", seed=1)
     for name in FILES | {"model.safetensors"}:
         assert (again / name).read_bytes() == (tiny_model / name).read_bytes(), name
