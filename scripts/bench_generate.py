@@ -259,7 +259,6 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    setup.ensure_vision()
     on_gpu = torch.cuda.is_available() and not args.smoke
     device = "cuda" if on_gpu else "cpu"
     args.dtype = "bfloat16" if on_gpu else "float32"

@@ -12,7 +12,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -183,30 +182,3 @@ def _driver() -> str:
         return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def ensure_vision() -> None:
-    """Engine.prepare needs qvl_cli.vision (or .media) with prepare_vision; before that
-    branch is merged, stand in with qwen-vl-utils' process_vision_info."""
-    import types
-
-    import qvl_cli
-
-    for name in ("vision", "media"):
-        try:
-            module = __import__(f"qvl_cli.{name}", fromlist=["prepare_vision"])
-            if hasattr(module, "prepare_vision"):
-                continue
-        except ImportError:
-            pass
-
-        def prepare_vision(messages):
-            from qwen_vl_utils import process_vision_info
-
-            images, videos = process_vision_info(messages)
-            return images, videos, {}, []
-
-        stub = types.ModuleType(f"qvl_cli.{name}")
-        stub.prepare_vision = prepare_vision
-        sys.modules[f"qvl_cli.{name}"] = stub
-        setattr(qvl_cli, name, stub)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from qvl_cli.generation import GenerationParams, collect
-from test_fastpath import _engine, vision_stub  # noqa: F401 - fixture
+from test_fastpath import _engine
 
 QUESTIONS = ["Hello there.", "Tell me a story about a cat.", "What is in the picture?", "Describe this image.",
              "Count the objects.", "Thank you!"]
@@ -18,40 +18,7 @@ QUESTIONS = ["Hello there.", "Tell me a story about a cat.", "What is in the pic
 
 @pytest.fixture(scope="module")
 def fast(tiny_model):
-    import sys
-    import types
-
-    import qvl_cli
-
-    saved = {n: sys.modules.get(f"qvl_cli.{n}") for n in ("media", "vision")}
-    _install_stub(sys, types, qvl_cli)
-    try:
-        yield _engine(tiny_model, decode_loop="qvl", static_cache="on")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(f"qvl_cli.{name}", None)
-
-
-def _install_stub(sys, types, qvl_cli):
-    def prepare_vision(messages):
-        from qwen_vl_utils import process_vision_info
-
-        images, videos = process_vision_info(messages)
-        return images, videos, {}, []
-
-    for name in ("media", "vision"):
-        if hasattr(sys.modules.get(f"qvl_cli.{name}"), "prepare_vision"):
-            continue
-        try:
-            module = __import__(f"qvl_cli.{name}", fromlist=["prepare_vision"])
-            if hasattr(module, "prepare_vision"):
-                continue
-        except ImportError:
-            pass
-        stub = types.ModuleType(f"qvl_cli.{name}")
-        stub.prepare_vision = prepare_vision
-        sys.modules[f"qvl_cli.{name}"] = stub
+    return _engine(tiny_model, decode_loop="qvl", static_cache="on")
 
 
 def _alone(engine, question, params):
@@ -169,7 +136,7 @@ def test_a_repetition_penalty_request_runs_on_its_own(fast):
     assert got.text == _alone(fast, "Tell me a story.", params).text
 
 
-def test_without_a_static_cache_requests_are_batched_statically(tiny_model, vision_stub):  # noqa: F811
+def test_without_a_static_cache_requests_are_batched_statically(tiny_model):
     plain = _engine(tiny_model)  # transformers' generate on CPU
     params = GenerationParams(max_tokens=16, temperature=0)
     jobs = [plain.job([{"role": "user", "content": q}], params) for q in QUESTIONS[:3]]

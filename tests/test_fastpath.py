@@ -258,34 +258,6 @@ def test_compiled_step_matches_generate_without_recompiling_for_new_prompts(mode
 # --- through the engine ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def vision_stub(monkeypatch):
-    """Engine.prepare imports qvl_cli.media / qvl_cli.vision (another branch); until they are
-    here, stand in with qwen-vl-utils' own process_vision_info."""
-    import importlib
-    import sys
-
-    import qvl_cli
-
-    def prepare_vision(messages):
-        from qwen_vl_utils import process_vision_info
-
-        images, videos = process_vision_info(messages)
-        return images, videos, {}, []
-
-    for name in ("media", "vision"):
-        try:
-            module = importlib.import_module(f"qvl_cli.{name}")
-            if hasattr(module, "prepare_vision"):
-                continue
-        except ImportError:
-            pass
-        stub = types.ModuleType(f"qvl_cli.{name}")
-        stub.prepare_vision = prepare_vision
-        monkeypatch.setitem(sys.modules, f"qvl_cli.{name}", stub)
-        monkeypatch.setattr(qvl_cli, name, stub, raising=False)
-
-
 @pytest.fixture(scope="module")
 def noisy_image(tmp_path_factory, images):
     path = tmp_path_factory.mktemp("img") / "noise.png"
@@ -299,7 +271,7 @@ def _engine(tiny_model, **kw):
     return Engine.load(tiny_model, EngineOptions(device="cpu", dtype="float32", **kw))
 
 
-def test_engine_streams_the_same_answers_through_either_loop(tiny_model, vision_stub, noisy_image):
+def test_engine_streams_the_same_answers_through_either_loop(tiny_model, noisy_image):
     from qvl_cli.generation import GenerationParams, collect
 
     plain = _engine(tiny_model)
@@ -323,7 +295,7 @@ def test_engine_streams_the_same_answers_through_either_loop(tiny_model, vision_
         assert collect(got[i]).text == ref[i].text
 
 
-def test_engine_cancel_stops_the_qvl_loop(tiny_model, vision_stub):
+def test_engine_cancel_stops_the_qvl_loop(tiny_model):
     from qvl_cli.generation import GenerationParams
 
     fast = _engine(tiny_model, decode_loop="qvl", static_cache="on")
