@@ -320,6 +320,10 @@ def launch(
     max_memory: MaxMemory = None,
     dtype: Dtype = "auto",
     attn: Attn = "auto",
+    compile_mode: Compile = "auto",
+    static_cache: StaticCache = "auto",
+    decode_loop: DecodeLoop = "auto",
+    gpu_preprocess: GpuPreprocess = "auto",
     context_length: ContextLength = None,
     max_pixels: MaxPixels = None,
     force: Force = False,
@@ -337,13 +341,14 @@ def launch(
     json_output: JsonOutput = False,
 ) -> None:
     """Start a model as an OpenAI-compatible server in the background and print its endpoint."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
-    from . import devices, launcher, memory
+    from . import devices, fastpath, launcher, memory
 
     key = launcher.default_api_key(api_key)
     launcher.warn_exposed(host, key)
-    engine = devices.engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn)
+    engine = replace(devices.engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn), warmup=True,
+                     **fastpath.flags(decode_loop, compile_mode, static_cache, gpu_preprocess))
     launcher.check_port_free(host, port)
     choice = launcher.choose_model(
         dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,

@@ -154,3 +154,36 @@ def test_without_a_static_cache_requests_are_batched_statically(tiny_model):
     for i, q in enumerate(QUESTIONS[:3]):
         assert collect(answers[i]).text == _alone(plain, q, params).text
     assert len(takes) >= 3
+
+
+def test_the_server_scheduler_joins_requests_into_the_running_batch(fast):
+    """The server's Scheduler uses continuous batching when the engine has a static cache."""
+    import threading
+
+    from qvl_cli.scheduler import DONE, Job, Scheduler
+
+    params = GenerationParams(max_tokens=24, temperature=0)
+    scheduler = Scheduler(fast, max_pending=16, max_batch=4)
+    results: dict[str, list] = {}
+    done = {q: threading.Event() for q in QUESTIONS}
+
+    def emit_for(q):
+        def emit(item):
+            if item is DONE:
+                done[q].set()
+            else:
+                results.setdefault(q, []).append(item)
+        return emit
+
+    try:
+        for q in QUESTIONS:
+            messages = [{"role": "user", "content": q}]
+            scheduler.submit(Job(messages, params, fast.prepare(messages), emit_for(q)))
+        assert all(event.wait(120) for event in done.values())
+        stats = scheduler.stats()
+    finally:
+        scheduler.close()
+    assert stats["completed"] == len(QUESTIONS) and stats["failed"] == 0 and stats["largest_batch"] > 1
+    for q in QUESTIONS:
+        assert not any(isinstance(item, BaseException) for item in results[q])
+        assert collect(results[q]).text == _alone(fast, q, params).text
