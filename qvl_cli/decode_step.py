@@ -102,6 +102,7 @@ class EagerRunner(Runner):
         self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
         self.mask = None
         self.seen = 0
+        self.sdpa = model.config.get_text_config()._attn_implementation == "sdpa"
 
     def prefill(self, inputs: dict[str, Any], position_ids: Any) -> Any:
         import torch
@@ -115,7 +116,9 @@ class EagerRunner(Runner):
 
     def step(self, tokens: Any) -> Any:
         self.seen += 1
-        mask = None if self.mask is None else self.mask[:, None, None, :self.seen]
+        mask = None if self.mask is None else self.mask[:, :self.seen]
+        if mask is not None and self.sdpa:  # sdpa's own boolean mask: transformers would read it on the host
+            mask = mask[:, None, None, :]
         logits = self._forward(input_ids=tokens[:, None], position_ids=self.pos,
                                attention_mask=mask, past_key_values=self.cache)
         self.pos.add_(1)

@@ -107,7 +107,7 @@ class Engine:
 
         plan = devices.plan(torch, options)
         decode = fastpath.resolve(options, bool(plan.gpus), len(plan.gpus) <= 1, plan.attn)
-        notes = list(plan.notes) + list(decode.notes)
+        notes = list(plan.notes)
         try:
             extra = _quantized_load_kwargs(path, quantized, plan, notes) if quantized else {}
             model = Qwen2VLForConditionalGeneration.from_pretrained(

@@ -28,7 +28,7 @@ from .errors import UsageError
 COMPILE_MODES = ("auto", "on", "graphs", "off")
 SWITCHES = ("auto", "on", "off")
 DECODE_LOOPS = ("auto", "qvl", "generate")
-# Warm-up compiles these cache buckets for batch 1 unless told otherwise (prompt + answer).
+# Warm-up prepares every cache bucket up to this many positions (prompt + answer).
 DEFAULT_WARMUP_LENGTH = 4096
 
 
@@ -40,7 +40,6 @@ class DecodeConfig:
     step: str = "eager"  # "eager" (dynamic cache), "static", "cuda-graph", "compile"
     gpu_preprocess: bool = False
     text_attn: str | None = None  # attention for the language model when it must differ
-    notes: tuple[str, ...] = ()
 
     @property
     def static_cache(self) -> bool:
@@ -83,15 +82,14 @@ def resolve(options: Any, on_gpu: bool, single_device: bool = True, attn: str = 
     static = _choice("--static-cache", getattr(options, "static_cache", "auto"), SWITCHES)
     gpu_pre = _choice("--gpu-preprocess", getattr(options, "gpu_preprocess", "auto"), SWITCHES)
     quantized = getattr(options, "model_format", "pytorch") in ("awq", "gptq")
-    notes: list[str] = []
     if loop == "auto":
         loop = "qvl" if on_gpu or compile_ in ("on", "graphs") or static == "on" else "generate"
     if loop == "generate":
         if compile_ in ("on", "graphs") or static == "on":
             raise UsageError("--compile and --static-cache need qvl's decode loop",
                              "drop --decode-loop generate, or the other flag")
-        return DecodeConfig("generate", "eager", on_gpu and gpu_pre != "off", None, ())
-    if compile_ in ("on", "graphs") and not on_gpu and compile_ == "graphs":
+        return DecodeConfig("generate", "eager", on_gpu and gpu_pre != "off")
+    if compile_ == "graphs" and not on_gpu:
         raise UsageError("--compile graphs needs a CUDA GPU", "use --compile on (inductor) or off on CPU")
     if compile_ == "auto":
         if not on_gpu or quantized or not single_device:
@@ -111,10 +109,10 @@ def resolve(options: Any, on_gpu: bool, single_device: bool = True, attn: str = 
         step = "static"
     else:
         step = "eager"
-    if step != "eager" and attn == "flash_attention_2":
-        notes.append("the language model uses sdpa with the static cache; flash_attention_2 stays on the vision tower")
-    text_attn = "sdpa" if step != "eager" and attn in ("flash_attention_2", "eager") else None
-    return DecodeConfig("qvl", step, on_gpu and gpu_pre != "off", text_attn, tuple(notes))
+    # The static step's mask is sdpa's boolean one (and flash-attention-2 would read the padding
+    # on the host): the language model runs on sdpa, the vision tower keeps ``attn``.
+    text_attn = "sdpa" if step != "eager" and attn != "sdpa" else None
+    return DecodeConfig("qvl", step, on_gpu and gpu_pre != "off", text_attn)
 
 
 def attn_implementation(plan_attn: str, config: DecodeConfig) -> Any:
@@ -190,6 +188,8 @@ class FastDecoder:
         self.config = config
         self.context_length = context_length
         self.pool = CachePool(model) if config.static_cache else None
+        if self.pool is not None and model.config.get_text_config()._attn_implementation != "sdpa":
+            model.set_attn_implementation({"text_config": "sdpa"})  # the static mask is sdpa's
         self.last: dict[str, Any] = {}
 
     # --- the pieces -------------------------------------------------------------------------

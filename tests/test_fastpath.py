@@ -62,7 +62,6 @@ def test_flash_attention_stays_on_the_vision_tower_with_a_static_cache():
     config = fastpath.resolve(_opts(), True, True, attn="flash_attention_2")
     assert fastpath.attn_implementation("flash_attention_2", config) == {
         "": "sdpa", "text_config": "sdpa", "vision_config": "flash_attention_2"}
-    assert config.notes
     eager = fastpath.resolve(_opts(compile="off"), True, True, attn="flash_attention_2")
     assert fastpath.attn_implementation("flash_attention_2", eager) == "flash_attention_2"
 
@@ -149,6 +148,30 @@ def test_qvl_loop_gives_the_tokens_of_generate(model, processor, prompts, step, 
     assert out.shape == ref.shape
     assert out.tolist() == ref.tolist()
     assert decoder.last["runner"] == step
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_the_eager_step_keeps_the_padding_mask_of_each_attention(tiny_model, processor, prompts, attn):
+    """The dynamic-cache step builds sdpa's boolean mask itself and leaves others to transformers."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32,
+                                                            attn_implementation=attn).eval()
+    decoder = fastpath.make_decoder(model, fastpath.DecodeConfig("qvl", "eager"), 32768)
+    ref, out = _both(model, processor, decoder, prompts["batch"], dict(GREEDY, min_new_tokens=24))
+    assert out.tolist() == ref.tolist()
+
+
+def test_a_static_decoder_puts_the_language_model_on_sdpa(tiny_model):
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    fastpath.make_decoder(model, fastpath.DecodeConfig("qvl", "static"), 32768)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert model.model.visual.config._attn_implementation == "eager"
 
 
 def test_some_rows_end_early_and_are_padded_like_generate(model, processor, prompts):
