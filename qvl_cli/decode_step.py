@@ -362,6 +362,13 @@ class CachePool:
                 self.graph_pool = torch.cuda.graph_pool_handle()
         return self.graph_pool
 
+    def drop(self, slot: CacheSlot) -> None:
+        """Forget a slot (its cache and graph are freed when no runner holds them)."""
+        with self.lock:
+            for key, held in list(self.slots.items()):
+                if held is slot:
+                    del self.slots[key]
+
     def _evict(self) -> None:
         while len(self.slots) > self.keep:
             key, slot = next(iter(self.slots.items()))

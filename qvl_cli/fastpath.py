@@ -291,8 +291,12 @@ class FastDecoder:
     # --- warm-up ----------------------------------------------------------------------------
 
     def warmup(self, batches: Iterable[int] = (1,), up_to: int = DEFAULT_WARMUP_LENGTH) -> float:
-        """Compile or capture the decode step for every bucket up to ``up_to`` positions and
-        each batch size, so that no request pays it; returns the seconds it took."""
+        """Compile or capture the decode step ahead of the requests; returns the seconds.
+
+        Batch 1 is prepared for every cache bucket up to ``up_to`` positions, and those caches
+        are kept (a captured graph belongs to its cache). With torch.compile, a larger batch
+        compiles the graph every batch above 1 shares (once, at the smallest bucket); CUDA
+        graphs for other shapes are captured when first used, in well under a second."""
         from .decode_step import buckets_up_to
 
         if self.config.step not in ("cuda-graph", "compile"):
@@ -302,17 +306,21 @@ class FastDecoder:
         started = time.perf_counter()
         limit = self.context_length + 1 if self.context_length else None
         lengths = [n for n in buckets_up_to(up_to) if limit is None or n <= limit]
+        self.pool.keep = max(self.pool.keep, len(lengths) + 1)
+        plan = [(b, lengths[0], False) for b in sorted(set(batches)) if b > 1 and self.config.step == "compile"]
+        plan += [(1, n, True) for n in lengths if 1 in batches]
         with torch.inference_mode():
-            for batch in batches:
-                for length in lengths:
-                    runner = self.runner(batch, length)
-                    try:
-                        runner.cache.reset()
-                        for _ in range(3):  # compile / record / replay
-                            runner.step(runner.tokens.clone())
-                    finally:
-                        runner.cache.reset()
-                        runner.release()
+            for batch, length, keep in plan:
+                runner = self.runner(batch, length)
+                try:
+                    runner.slot.prepare(self.model, self.config.step)
+                    for _ in range(3):  # compile / record / replay
+                        runner.step(runner.tokens.clone())
+                finally:
+                    runner.cache.reset()
+                    runner.release()
+                    if not keep:
+                        self.pool.drop(runner.slot)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter() - started

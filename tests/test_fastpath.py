@@ -265,8 +265,9 @@ def test_compiled_step_matches_generate_without_recompiling_for_new_prompts(mode
     from torch._dynamo.utils import counters
 
     decoder = fastpath.make_decoder(model, fastpath.DecodeConfig("qvl", "compile"), 32768)
-    seconds = decoder.warmup((1,), 256)
+    seconds = decoder.warmup((1, 2), 512)
     assert seconds > 0
+    assert [(s["batch"], s["length"]) for s in decoder.pool.describe()] == [(1, 256), (1, 512)]  # batch 2 dropped
     compiled = counters["stats"]["unique_graphs"]
     text_only = processor(text=[_text(processor, "Tell me a long story about a red ball.", False)],
                           return_tensors="pt")
