@@ -214,6 +214,7 @@ class CacheSlot:
         self.pos = torch.zeros((4, batch, 1), dtype=torch.long, device=device)
         self.busy = False
         self.pool_compiled: Any = lambda: None  # the pool's compiled step (set by CachePool)
+        self.on_release: Any = lambda: None
         self.graph_pool = None  # shared by the pool's graphs (they never run at once)
         self.graph = None
         self.graph_logits = None
@@ -226,6 +227,7 @@ class CacheSlot:
 
     def release(self) -> None:
         self.busy = False
+        self.on_release()
 
     def prepare(self, model: Any, step: str) -> None:
         """Capture the CUDA graph now if the step needs one (it runs two steps on the cache),
@@ -349,6 +351,7 @@ class CachePool:
                 slot = CacheSlot(self.model, batch, length)
                 slot.graph_pool = self._graph_pool()
                 slot.pool_compiled = self.compiled_step
+                slot.on_release = self.released
                 self.slots[key] = slot  # a busy slot of the same key is replaced (rare)
                 self._evict()
             slot.busy = True
@@ -370,11 +373,19 @@ class CachePool:
                     del self.slots[key]
 
     def _evict(self) -> None:
-        while len(self.slots) > self.keep:
-            key, slot = next(iter(self.slots.items()))
-            if slot.busy:
+        """Batched caches are large and serve one session: keep the latest idle one only.
+        Then the least recently used idle caches go until at most ``keep`` remain."""
+        idle_batched = [k for k, s in self.slots.items() if k[0] > 1 and not s.busy]
+        for key in idle_batched[:-1]:
+            del self.slots[key]
+        for key in [k for k, s in self.slots.items() if not s.busy]:
+            if len(self.slots) <= self.keep:
                 break
             del self.slots[key]
+
+    def released(self) -> None:
+        with self.lock:
+            self._evict()
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"batch": b, "length": n, "bytes": s.nbytes, "graph": s.graph is not None,

@@ -367,3 +367,22 @@ def test_gpu_steps_match_the_eager_static_step(tiny_model, step):
             runner.release()
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def test_the_pool_keeps_one_idle_batched_cache_and_the_recent_single_ones(model):
+    from qvl_cli.decode_step import CachePool
+
+    pool = CachePool(model, keep=3)
+    def held():
+        return [(s["batch"], s["length"]) for s in pool.describe()]
+
+    for batch, length in [(1, 256), (4, 256), (8, 256)]:
+        pool.acquire(batch, length).release()
+    assert held() == [(1, 256), (8, 256)]  # the idle (4, 256) went when (8, 256) came back
+    for length in (512, 1024, 2048):
+        pool.acquire(1, length).release()
+    assert held() == [(1, 512), (1, 1024), (1, 2048)]  # then the least recently used
+    busy = pool.acquire(2, 256)
+    pool.acquire(4, 256).release()
+    assert (2, 256) in held()  # busy caches stay
+    busy.release()
