@@ -28,6 +28,7 @@ from .errors import UsageError
 COMPILE_MODES = ("auto", "on", "graphs", "off")
 SWITCHES = ("auto", "on", "off")
 DECODE_LOOPS = ("auto", "qvl", "generate")
+TEXT_ATTN = "qvl_sdpa"  # qvl_cli.attention.NAME (not imported here: it is light, but keep it lazy)
 # Warm-up prepares every cache bucket up to this many positions (prompt + answer).
 DEFAULT_WARMUP_LENGTH = 4096
 
@@ -110,8 +111,9 @@ def resolve(options: Any, on_gpu: bool, single_device: bool = True, attn: str = 
     else:
         step = "eager"
     # The static step's mask is sdpa's boolean one (and flash-attention-2 would read the padding
-    # on the host): the language model runs on sdpa, the vision tower keeps ``attn``.
-    text_attn = "sdpa" if step != "eager" and attn != "sdpa" else None
+    # on the host): the language model runs on qvl_sdpa (sdpa without the K/V copies of grouped
+    # heads under torch.compile, see qvl_cli.attention), the vision tower keeps ``attn``.
+    text_attn = TEXT_ATTN if step != "eager" else None
     return DecodeConfig("qvl", step, on_gpu and gpu_pre != "off", text_attn)
 
 
@@ -119,7 +121,10 @@ def attn_implementation(plan_attn: str, config: DecodeConfig) -> Any:
     """The ``attn_implementation`` for from_pretrained: one name, or per sub-model."""
     if config.text_attn is None or config.text_attn == plan_attn:
         return plan_attn
-    return {"": config.text_attn, "text_config": config.text_attn, "vision_config": plan_attn}
+    from . import attention
+
+    attention.register()
+    return {"": plan_attn, "text_config": config.text_attn, "vision_config": plan_attn}
 
 
 def make_decoder(model: Any, config: DecodeConfig, context_length: int | None = None) -> Any:
@@ -188,8 +193,11 @@ class FastDecoder:
         self.config = config
         self.context_length = context_length
         self.pool = CachePool(model) if config.static_cache else None
-        if self.pool is not None and model.config.get_text_config()._attn_implementation != "sdpa":
-            model.set_attn_implementation({"text_config": "sdpa"})  # the static mask is sdpa's
+        if self.pool is not None and model.config.get_text_config()._attn_implementation != TEXT_ATTN:
+            from . import attention
+
+            attention.register()
+            model.set_attn_implementation({"text_config": TEXT_ATTN})  # the static mask is sdpa's
         self.last: dict[str, Any] = {}
 
     # --- the pieces -------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_resolve_rejects_impossible_combinations(kw, on_gpu, single, fragment):
 def test_flash_attention_stays_on_the_vision_tower_with_a_static_cache():
     config = fastpath.resolve(_opts(), True, True, attn="flash_attention_2")
     assert fastpath.attn_implementation("flash_attention_2", config) == {
-        "": "sdpa", "text_config": "sdpa", "vision_config": "flash_attention_2"}
+        "": "flash_attention_2", "text_config": "qvl_sdpa", "vision_config": "flash_attention_2"}
     eager = fastpath.resolve(_opts(compile="off"), True, True, attn="flash_attention_2")
     assert fastpath.attn_implementation("flash_attention_2", eager) == "flash_attention_2"
 
@@ -84,6 +84,17 @@ SAMPLED = dict(do_sample=True, temperature=1.0, top_k=0, top_p=0.9, repetition_p
 
 @pytest.fixture(scope="module")
 def model(tiny_model):
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32,
+                                                           attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """A second copy that only ever runs transformers' generate (static decoders move the
+    language model of ``model`` onto qvl_sdpa)."""
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -130,6 +141,7 @@ def _both(model, processor, decoder, inputs, gen, seed=0, **extra):
     import torch
 
     kw = dict(_ids(model, processor), **gen, **extra)
+    assert model is not decoder.model or decoder.pool is None, "compare against a model generate alone uses"
     with torch.inference_mode():
         torch.manual_seed(seed)
         ref = model.generate(**inputs, **kw)
@@ -142,9 +154,9 @@ def _both(model, processor, decoder, inputs, gen, seed=0, **extra):
 @pytest.mark.parametrize("which", ["single", "batch"])
 @pytest.mark.parametrize("gen", [GREEDY, dict(GREEDY, min_new_tokens=24), {}, SAMPLED],
                          ids=["greedy", "ignore-eos", "checkpoint-defaults", "seeded-top-p"])
-def test_qvl_loop_gives_the_tokens_of_generate(model, processor, prompts, step, which, gen):
+def test_qvl_loop_gives_the_tokens_of_generate(model, reference, processor, prompts, step, which, gen):
     decoder = fastpath.make_decoder(model, fastpath.DecodeConfig("qvl", step), 32768)
-    ref, out = _both(model, processor, decoder, prompts[which], gen, seed=7)
+    ref, out = _both(reference, processor, decoder, prompts[which], gen, seed=7)
     assert out.shape == ref.shape
     assert out.tolist() == ref.tolist()
     assert decoder.last["runner"] == step
@@ -163,22 +175,22 @@ def test_the_eager_step_keeps_the_padding_mask_of_each_attention(tiny_model, pro
     assert out.tolist() == ref.tolist()
 
 
-def test_a_static_decoder_puts_the_language_model_on_sdpa(tiny_model):
+def test_a_static_decoder_puts_the_language_model_on_qvl_sdpa(tiny_model):
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32,
                                                             attn_implementation="eager").eval()
     fastpath.make_decoder(model, fastpath.DecodeConfig("qvl", "static"), 32768)
-    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert model.config.get_text_config()._attn_implementation == "qvl_sdpa"
     assert model.model.visual.config._attn_implementation == "eager"
 
 
-def test_some_rows_end_early_and_are_padded_like_generate(model, processor, prompts):
+def test_some_rows_end_early_and_are_padded_like_generate(model, reference, processor, prompts):
     import torch
 
     decoder = fastpath.make_decoder(model, fastpath.DecodeConfig("qvl", "static"), 32768)
-    ref, out = _both(model, processor, decoder, prompts["batch"], GREEDY, max_new_tokens=40)
+    ref, out = _both(reference, processor, decoder, prompts["batch"], GREEDY, max_new_tokens=40)
     eos = set(model.generation_config.eos_token_id)
     new = out[:, prompts["batch"]["input_ids"].shape[1]:]
     ended = [any(int(t) in eos for t in row) for row in new]
@@ -212,7 +224,7 @@ def test_streamer_gets_the_prompt_then_one_token_per_row_per_step(model, process
     assert steps.T.tolist() == out[:, inputs["input_ids"].shape[1]:].tolist()
 
 
-def test_stopping_criteria_stop_at_the_same_token_as_generate(model, processor, prompts):
+def test_stopping_criteria_stop_at_the_same_token_as_generate(model, reference, processor, prompts):
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -227,17 +239,17 @@ def test_stopping_criteria_stop_at_the_same_token_as_generate(model, processor, 
     decoder = fastpath.make_decoder(model, fastpath.DecodeConfig("qvl", "static"), 32768)
     inputs = prompts["single"]
     criteria = StoppingCriteriaList([AfterFive(inputs["input_ids"].shape[1])])
-    ref, out = _both(model, processor, decoder, inputs, dict(GREEDY, min_new_tokens=24), stopping_criteria=criteria)
+    ref, out = _both(reference, processor, decoder, inputs, dict(GREEDY, min_new_tokens=24), stopping_criteria=criteria)
     assert out.shape[1] - inputs["input_ids"].shape[1] == 5
     assert out.tolist() == ref.tolist()
 
 
-def test_static_caches_are_reused_across_prompt_lengths(model, processor, prompts):
+def test_static_caches_are_reused_across_prompt_lengths(model, reference, processor, prompts):
     decoder = fastpath.make_decoder(model, fastpath.DecodeConfig("qvl", "static"), 32768)
-    _both(model, processor, decoder, prompts["single"], GREEDY)
+    _both(reference, processor, decoder, prompts["single"], GREEDY)
     slot = next(iter(decoder.pool.slots.values()))
     text_only = processor(text=[_text(processor, "Hello there, how are you today?", False)], return_tensors="pt")
-    _both(model, processor, decoder, text_only, GREEDY)
+    _both(reference, processor, decoder, text_only, GREEDY)
     assert list(decoder.pool.slots) == [(1, 256)]
     assert next(iter(decoder.pool.slots.values())) is slot and not slot.busy
 
@@ -258,7 +270,7 @@ def test_the_static_step_traces_as_one_graph(model):
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_generate_without_recompiling_for_new_prompts(model, processor, prompts):
+def test_compiled_step_matches_generate_without_recompiling_for_new_prompts(model, reference, processor, prompts):
     """One compilation (batch and cache length are dynamic) serves every prompt length and
     cache bucket; the answers are generate's."""
     import torch
@@ -272,7 +284,7 @@ def test_compiled_step_matches_generate_without_recompiling_for_new_prompts(mode
     text_only = processor(text=[_text(processor, "Tell me a long story about a red ball.", False)],
                           return_tensors="pt")
     for inputs, new in ((prompts["single"], 24), (text_only, 300)):  # buckets 256 and 512
-        ref, out = _both(model, processor, decoder, inputs, dict(GREEDY, min_new_tokens=new), max_new_tokens=new)
+        ref, out = _both(reference, processor, decoder, inputs, dict(GREEDY, min_new_tokens=new), max_new_tokens=new)
         assert torch.equal(out, ref)
     assert [s["length"] for s in decoder.pool.describe()] == [256, 512]
     assert all(s["fallback"] is None for s in decoder.pool.describe())
@@ -386,3 +398,31 @@ def test_the_pool_keeps_one_idle_batched_cache_and_the_recent_single_ones(model)
     pool.acquire(4, 256).release()
     assert (2, 256) in held()  # busy caches stay
     busy.release()
+
+
+def test_qvl_sdpa_folds_grouped_heads_without_copying_keys_and_values(model, monkeypatch):
+    """Same numbers as transformers' sdpa; and traced by dynamo (as under torch.compile) the
+    decode step never calls repeat_kv, which transformers' sdpa does there."""
+    import torch
+    from transformers.integrations import sdpa_attention
+
+    from qvl_cli import attention
+    from qvl_cli.decode_step import CachePool, compile_step
+
+    module = model.model.language_model.layers[0].self_attn
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 50, 16), torch.randn(3, 2, 50, 16)
+    mask = torch.rand(3, 1, 1, 50) > 0.3
+    mask[:, :, :, 0] = True
+    ours, _ = attention.qvl_sdpa(module, q, k, v, mask, scaling=0.25)
+    theirs, _ = sdpa_attention.sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+    fastpath.make_decoder(model, fastpath.DecodeConfig("qvl", "static"), 32768)  # text on qvl_sdpa
+
+    def no_repeat(*args, **kwargs):
+        raise AssertionError("repeat_kv copied the cache")
+
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", no_repeat)
+    slot = CachePool(model).acquire(2, 256)
+    with torch.inference_mode():
+        compile_step(torch, model, backend="eager", dynamic=False)(slot.cache, slot.tokens, slot.pos, slot.attn2d)
