@@ -251,7 +251,9 @@ class CacheSlot:
                     static_step(model, self.cache, self.tokens, self.pos, self.attn2d)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: requests preprocessed on the GPU by other threads meanwhile are not
+            # part of the capture and are not refused by it
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.graph_logits = static_step(model, self.cache, self.tokens, self.pos, self.attn2d)
             self.graph = graph
         except RuntimeError as exc:

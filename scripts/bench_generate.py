@@ -209,6 +209,7 @@ def concurrency_run(torch, engine, messages, clients: int, args) -> dict:
         return jobs
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    _reset_peak(torch)
     start = time.perf_counter()
     for t in threads:
         t.start()
