@@ -105,6 +105,8 @@ def http_error(exc: BaseException) -> HttpError:
         err = BadRequest(exc.message, exc.hint)
         err.code = code
         return err
+    if type(exc).__name__ == "OutOfMemory":  # this request was too much now; the model still serves
+        return Unavailable(exc.message, exc.hint)
     err = HttpError(exc.message if isinstance(exc, QvlError) else f"{type(exc).__name__}: {exc}",
                     exc.hint if isinstance(exc, QvlError) else "see the server log")
     err.status, err.type = 500, "server_error"

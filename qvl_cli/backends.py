@@ -37,8 +37,32 @@ class LocalRequest:
     verbose: bool = False
 
 
-def load_local(request: LocalRequest, engine_options: Any) -> Backend:
-    """Download (if needed) and load the model in this process; report the load on stderr."""
+def check_spec(spec_flags: dict[str, Any], *, gpu_idx: str | None = None, device: str = "auto",
+               model_path: Any = None, force: bool = False, workload: Any = None,
+               need_backend: bool = True, quiet: bool = False) -> Any:
+    """Everything checked before a download: resolve the spec flags (``-s auto`` included),
+    make sure the AWQ / GPTQ backend is installed (``need_backend``), refuse what will not
+    fit the GPUs unless ``force``. Returns the fit.FitResult, or None for a --model-path
+    given without spec flags (nothing to resolve)."""
+    from . import fit, quant
+
+    if model_path is not None and all(v is None for v in spec_flags.values()):
+        return None
+    kwargs = {"workload": workload} if workload is not None else {}
+    result = fit.resolve_and_check(**spec_flags, gpu_idx=gpu_idx, **kwargs)
+    if result.choice and result.choice.reason and not quiet:
+        render.status(result.choice.reason)
+    if model_path is None:
+        if need_backend:
+            quant.require_backend(result.spec.model_format, device)
+        result.require(force)
+    return result
+
+
+def load_engine(request: LocalRequest, engine_options: Any) -> tuple[Any, str]:
+    """Download (if needed) and load the model in this process; report the load on stderr.
+
+    Returns the Engine and the name to show for it."""
     from . import hub
     from .engine import Engine
 
@@ -51,21 +75,31 @@ def load_local(request: LocalRequest, engine_options: Any) -> Backend:
     context = request.spec.family.context_length if request.spec is not None else None
     with render.spinner(f"loading {name}", quiet=request.quiet):
         engine = Engine.load(local.path, engine_options, context_length=context)
-    described = engine.describe()
     for note in engine.notes:
         render.warn(note)
     if not request.quiet:
+        described = engine.describe()
         render.status(f"loaded {name} on {described['device']} ({described['dtype']}, {described['attn']}) "
                       f"in {engine.load_seconds:.1f} s")
+    return engine, name
+
+
+def load_local(request: LocalRequest, engine_options: Any) -> Backend:
+    """The model loaded in this process, as a Backend for the chat."""
+    engine, name = load_engine(request, engine_options)
+    described = engine.describe()
 
     def respond(messages: list[dict[str, Any]], params: GenerationParams) -> Iterator[Chunk]:
         note = engine.sampling_note(params)
         if note and not request.quiet:
             render.warn(note)
         prepared = engine.prepare(messages)
-        if request.verbose:
-            for info in prepared.media:
+        for info in prepared.media if not request.quiet else ():
+            if request.verbose:
                 render.status(info.describe())
+            note = info.cap_note()
+            if note:
+                render.status(note)
         yield from engine.stream(messages, params, prepared=prepared)
 
     return Backend(name, respond, {"model": name, **described})

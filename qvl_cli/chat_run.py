@@ -74,25 +74,20 @@ def read_prompt(prompt: str | None) -> str | None:
 
 
 def resolve_for_loading(spec_flags: dict[str, Any], engine_options: Any, model_path: str | None,
-                        force: bool) -> tuple[Any, Any]:
-    """Resolve the spec (``-s auto`` included), refuse what cannot fit (unless ``force``), and
-    place the model on the GPUs the fit check chose when the user named none.
+                        force: bool, quiet: bool = False) -> tuple[Any, Any]:
+    """Check the spec before anything is downloaded (backends.check_spec), then place the
+    model on the GPUs the fit check chose when the user named none.
 
-    Returns (spec or None, engine options). With --model-path and no spec flags there is
-    no spec to check."""
+    Returns (spec or None, engine options)."""
     from dataclasses import replace
 
-    from . import fit, quant
+    from .backends import check_spec
 
-    if model_path is not None and all(v is None for v in spec_flags.values()):
-        return None, engine_options
     gpu_idx = ",".join(map(str, engine_options.gpu_idx)) if engine_options.gpu_idx else None
-    result = fit.resolve_and_check(**spec_flags, gpu_idx=gpu_idx)
-    if result.choice and result.choice.reason:
-        render.status(result.choice.reason)
-    if model_path is None:
-        quant.require_backend(result.spec.model_format, engine_options.device)  # before any download
-        result.require(force)
+    result = check_spec(spec_flags, gpu_idx=gpu_idx, device=engine_options.device, model_path=model_path,
+                        force=force, quiet=quiet)
+    if result is None:
+        return None, engine_options
     options = replace(engine_options, model_format=result.spec.model_format)
     if result.placement and not (options.gpu_idx or options.n_gpu) and options.device != "cpu":
         options = replace(options, gpu_idx=tuple(g.index for g in result.placement.gpus))
@@ -109,7 +104,7 @@ def open_backend(request: ChatRequest) -> Backend:
     if target is not None:
         return remote.open_backend(target, quiet=request.quiet)
     spec, options = resolve_for_loading(request.spec_flags, request.engine_options, request.model_path,
-                                        request.force)
+                                        request.force, request.quiet)
     return load_local(LocalRequest(spec, request.model_path, request.revision, request.offline,
                                    request.quiet, request.verbose), options)
 

@@ -8,6 +8,7 @@ them, never at the top of this file.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -160,16 +161,23 @@ def download(
     download_hub: DownloadHub = None,
     revision: Revision = None,
     offline: Offline = False,
+    gpu_idx: GpuIdx = None,
+    context_length: ContextLength = None,
+    force: Force = False,
     quiet: Quiet = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Download a model spec into the hub's cache: only the files it needs, resumable, verified.
 
-    Prints the model folder on stdout; progress and status go to stderr."""
-    from . import hub, specs
+    Refuses a spec that will not fit the visible GPUs (unless --force) before fetching
+    anything. Prints the model folder on stdout; progress and status go to stderr."""
+    from . import hub, memory
+    from .backends import check_spec
 
-    spec = specs.resolve(model_name, model_engine, size_in_billions, model_format,
-                         quantization, download_hub)
+    flags = dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,
+                 model_format=model_format, quantization=quantization, hub=download_hub)
+    spec = check_spec(flags, gpu_idx=gpu_idx, force=force, workload=memory.workload(context_length, None),
+                      need_backend=False, quiet=quiet).spec
     model = hub.ensure_local(spec, revision=revision, offline=True if offline else None, quiet=quiet)
     if json_output:
         render.print_json(model.to_dict())
@@ -354,7 +362,7 @@ def launch(
         dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,
              model_format=model_format, quantization=quantization, hub=download_hub),
         model_path, memory.workload(context_length, max_pixels), gpu_idx, force, model_uid, revision,
-        offline, quiet)
+        offline, quiet, device)
     config = launcher.server_config(
         choice, asdict(engine), host, port, context_length=context_length, max_pixels=max_pixels,
         allow_local_media=allow_local_media, allow_remote_media=allow_remote_media, max_queue=max_queue,
@@ -458,6 +466,54 @@ def chat(
         json_output=json_output, stats=stats, verbose=verbose, quiet=quiet,
         endpoint=endpoint, model_uid=model_uid, api_key=api_key)
     raise typer.Exit(chat_run.run(request))
+
+
+@app.command(epilog=examples(
+    "qvl batch requests.jsonl -o answers.jsonl --max-tokens 128",
+    "qvl batch requests.jsonl -o answers.jsonl -s 7 -f awq --batch-size 16 --max-pixels 401408",
+    "qvl batch requests.jsonl -o answers.jsonl --endpoint http://127.0.0.1:8000/v1 --batch-size 16",
+    'input lines: {"id": "a1", "messages": [{"role": "user", "content": [{"type": "image_url", '
+    '"image_url": {"url": "cat.jpg"}}, {"type": "text", "text": "Caption it."}]}], "max_tokens": 64}'))
+def batch(
+    input_file: Annotated[Path, typer.Argument(metavar="INPUT.jsonl", help="One request per line: "
+                                               '{"id": ..., "messages": [...]} (see docs/batch.md).', show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTPUT.jsonl", help="Answers, one JSON line per "
+                                         "request, appended as they finish; rerunning skips ids answered here.",
+                                         show_default=False)],
+    model_name: ModelName = None, model_engine: ModelEngine = None, size_in_billions: SizeInBillions = None,
+    model_format: ModelFormat = None, quantization: Quantization = None, download_hub: DownloadHub = None,
+    model_path: ModelPath = None, revision: Revision = None, offline: Offline = False,
+    endpoint: Endpoint = None, model_uid: ModelUid = None, api_key: ApiKey = None,
+    batch_size: Annotated[str, typer.Option(
+        "--batch-size", metavar="N|auto", help="Requests decoded together (with --endpoint: sent at once). auto: "
+        "from the memory estimate and the free GPU memory; 4 on CPU; 8 in flight with --endpoint.")] = "auto",
+    min_pixels: MinPixels = None, max_pixels: MaxPixels = None, fps: Fps = None, max_frames: MaxFrames = None,
+    video_start: VideoStart = None, video_end: VideoEnd = None,
+    max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None,
+    repetition_penalty: RepetitionPenalty = None, seed: Seed = None, stop: Stop = None,
+    device: Device = "auto", gpu_idx: GpuIdx = None, n_gpu: NGpu = None, max_memory: MaxMemory = None,
+    dtype: Dtype = "auto", attn: Attn = "auto", force: Force = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first request that fails.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress or status on stderr.")] = False,
+) -> None:
+    """Answer every conversation of a JSONL file: batched, with progress, resumable."""
+    from . import batch as batch_mod
+    from . import devices
+    from .engine import EngineOptions
+    from .generation import GenerationParams
+
+    request = batch_mod.BatchRequest(
+        input=input_file, output=output,
+        spec_flags=dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,
+                        model_format=model_format, quantization=quantization, hub=download_hub),
+        model_path=model_path, revision=revision, offline=offline, force=force, endpoint=endpoint,
+        model_uid=model_uid, api_key=api_key, batch_size=batch_size,
+        media_flags=dict(min_pixels=min_pixels, max_pixels=max_pixels, fps=fps, max_frames=max_frames,
+                         video_start=video_start, video_end=video_end),
+        params=GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty, seed, tuple(stop or ())),
+        engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn),
+        fail_fast=fail_fast, quiet=quiet)
+    raise typer.Exit(batch_mod.run(request))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -100,6 +100,28 @@ class ModelDims:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
 
 
+def from_config(config: dict) -> ModelDims | None:
+    """The figures of a loaded checkpoint from its config.json (transformers' Qwen2-VL keys,
+    flat or under text_config); None when a key is missing."""
+    text = {**config, **(config.get("text_config") or {})}
+    vision = config.get("vision_config") or {}
+    try:
+        heads = text["num_attention_heads"]
+        return ModelDims(
+            hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
+            num_hidden_layers=text["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=text.get("num_key_value_heads", heads),
+            head_dim=text.get("head_dim") or text["hidden_size"] // heads, vocab_size=text["vocab_size"],
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            vision=VisionDims(depth=vision["depth"], embed_dim=vision["embed_dim"], num_heads=vision["num_heads"],
+                              mlp_ratio=vision.get("mlp_ratio", 4), patch_size=vision.get("patch_size", 14),
+                              temporal_patch_size=vision.get("temporal_patch_size", 2),
+                              spatial_merge_size=vision.get("spatial_merge_size", 2),
+                              in_channels=vision.get("in_chans", vision.get("in_channels", 3))))
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 # --- validation (called by specs.py, which supplies the error constructor) --------------
 
 Fail = Callable[[str, str], Exception]

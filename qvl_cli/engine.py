@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import devices, quant
-from .errors import EngineError, PromptTooLong, translate
+from .errors import EngineError, OutOfMemory, PromptTooLarge, PromptTooLong, translate
 from .generation import DEFAULT_MAX_TOKENS, Chunk, GenerationParams, TokenStream
 
 _END = object()
@@ -79,6 +79,9 @@ class Engine:
         # model.generate, or qvl's fast loop: called with generate's arguments
         self.decoder = decoder or fastpath.make_decoder(model, fastpath.DecodeConfig(), context_length)
         self.warmup_seconds = 0.0
+        from .dims import from_config
+
+        self.dims = from_config(model.config.to_dict())  # for the memory check of each prompt
         from .vision import VisionDefaults
 
         self.vision_defaults = VisionDefaults()  # qvl's defaults: images at most 1280*28*28 pixels
@@ -195,7 +198,28 @@ class Engine:
         prepared = prepared or self.prepare(messages)
         budget = self.context_length - prepared.prompt_tokens
         max_new = min(params.max_tokens or DEFAULT_MAX_TOKENS, budget)
+        self.check_memory(prepared, max_new)
         return Job(prepared, params, cancel or threading.Event(), start, max_new)
+
+    def check_memory(self, prepared: Prepared, max_new: int) -> None:
+        """On a GPU, refuse a prompt whose images, video and KV cache need more memory than
+        is free, with the figures, instead of failing half-way with an out-of-memory error."""
+        if not self.plan.gpus or self.dims is None:
+            return
+        import torch
+
+        from .memory import prompt_bytes
+
+        visual = sum(info.tokens for info in prepared.media)
+        need = prompt_bytes(self.dims, prepared.prompt_tokens, visual, max_new)
+        device = torch.device(self.plan.input_device)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+            - torch.cuda.memory_allocated(device)
+        if need > free:
+            raise PromptTooLarge(
+                f"this prompt ({prepared.prompt_tokens:,} tokens, {visual:,} of them visual) needs ~{need / 2**30:.1f} "
+                f"GiB more; {self.plan.input_device} has {free / 2**30:.1f} GiB free",
+                "lower --max-pixels, --fps or --max-frames, or --max-tokens")
 
     def stream(self, messages: list[dict[str, Any]], params: GenerationParams = GenerationParams(),
                prepared: Prepared | None = None, cancel: threading.Event | None = None) -> Iterator[Chunk]:
@@ -278,6 +302,8 @@ class Engine:
                 if item is _END:
                     break
                 if isinstance(item, BaseException):
+                    if type(item).__name__ == "OutOfMemoryError":
+                        raise self._out_of_memory(jobs) from item
                     raise translate(item) or EngineError(
                         f"generation failed: {type(item).__name__}: {_first_line(item)}",
                         "rerun with QVL_DEBUG=1 for details") from item
@@ -293,6 +319,22 @@ class Engine:
         finally:
             stop_all.set()
             worker.join()
+
+    def _out_of_memory(self, jobs: Sequence[Job]) -> OutOfMemory:
+        """One line with the figures, after giving the cached blocks back so that the next
+        request can run."""
+        prompts = "+".join(str(j.prepared.prompt_tokens) for j in jobs)
+        where = self.plan.input_device
+        used = ""
+        if self.plan.gpus:
+            import torch
+
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(torch.device(where))
+            used = f": {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use"
+        return OutOfMemory(f"out of memory on {where} while generating for {len(jobs)} request(s) of "
+                           f"{prompts} prompt tokens{used}",
+                           "lower --max-pixels / --max-tokens, use a quantized spec (-f awq), or more GPUs")
 
     def sampling_note(self, params: GenerationParams) -> str | None:
         """A warning when --temperature cannot change anything: Qwen2-VL's generation_config

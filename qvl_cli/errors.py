@@ -56,6 +56,10 @@ class PromptTooLong(UsageError):
     """The rendered prompt is longer than the model's context length."""
 
 
+class PromptTooLarge(UsageError):
+    """The prompt's images or video need more GPU memory than is free."""
+
+
 # --- other failures (exit 1) ----------------------------------------------------------
 
 

@@ -71,23 +71,21 @@ def model_format_of(path: Path) -> str:
 
 def choose_model(spec_flags: dict[str, Any], model_path: str | Path | None, workload: Any,
                  gpu_idx: str | None, force: bool, uid: str | None = None, revision: str | None = None,
-                 offline: bool = False, quiet: bool = False) -> ModelChoice:
-    """Resolve the spec (``-s auto`` and the fit refusal included), check the UID is free,
-    then get the files (nothing is downloaded for a UID that is already running)."""
-    from . import fit, hub
+                 offline: bool = False, quiet: bool = False, device: str = "auto") -> ModelChoice:
+    """Check the spec (backends.check_spec: ``-s auto``, the AWQ / GPTQ backend, the fit
+    refusal), check the UID is free, then get the files (nothing is downloaded for a UID
+    that is already running)."""
+    from . import hub
+    from .backends import check_spec
 
-    given = any(v is not None for v in spec_flags.values())
+    result = check_spec(spec_flags, gpu_idx=gpu_idx, device=device, model_path=model_path, force=force,
+                        workload=workload, quiet=quiet)
+    spec = result.spec if result is not None else None
     if model_path is not None:
-        spec = fit.resolve_and_check(**spec_flags, gpu_idx=gpu_idx, workload=workload).spec if given else None
         local = hub.local_model_from_path(model_path, spec)
         uid = _free_uid(uid or (spec.uid if spec is not None else folder_uid(local.path)))
         aliases = (spec.model_id,) if spec is not None else (local.path.name,)
         return ModelChoice(local.path, spec, uid, aliases, spec.model_format if spec else model_format_of(local.path))
-    result = fit.resolve_and_check(**spec_flags, gpu_idx=gpu_idx, workload=workload)
-    if result.choice is not None and not quiet:
-        render.status(result.choice.reason)
-    result.require(force)
-    spec = result.spec
     uid = _free_uid(uid or spec.uid)
     local = hub.ensure_local(spec, revision=revision, offline=True if offline else None, quiet=quiet)
     aliases = tuple(dict.fromkeys(s.model_id for s in spec.sources))

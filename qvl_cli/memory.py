@@ -148,18 +148,12 @@ def compute(dims: ModelDims, label: str, model_format: str, bits: int | None,
     visual = visual_tokens(dims, workload)
     prompt = visual + TEXT_TOKENS if workload.prompt_tokens is None else max(workload.prompt_tokens, visual)
     prompt = max(1, min(prompt, context_length))
-    vis = dims.vision
     layer_weights = _layer_weight_bytes(dims, bits, model_format)
     kv_layer = dims.kv_bytes_per_token(DTYPE_BYTES) // dims.num_hidden_layers * context_length
     embed = dims.embedding_parameters * DTYPE_BYTES
     vision_weights = dims.vision_parameters * DTYPE_BYTES
     head = (dims.lm_head_parameters + dims.hidden_size) * DTYPE_BYTES  # lm_head + final norm
-    patches = visual * vis.spatial_merge_size ** 2
-    pixels = patches * vis.patch_values * PIXEL_BYTES
-    vision_peak = patches * (VISION_BYTES_PER_DIM * vis.embed_dim + vis.patch_values * DTYPE_BYTES)
-    logits = dims.vocab_size * (DTYPE_BYTES + 4 + 4)  # last position only: 16-bit, fp32, probs
-    per_token = 8 * dims.intermediate_size + 8 * dims.hidden_size + 4 * dims.head_dim * 2
-    prefill = prompt * per_token  # gate, up, act, product of the MLP; residual, norm, rotary
+    pixels, vision_peak, prefill, logits = _activation_parts(dims, prompt, visual)
 
     weights = dims.num_hidden_layers * layer_weights + embed + vision_weights + head
     kv = dims.num_hidden_layers * kv_layer
@@ -172,6 +166,26 @@ def compute(dims: ModelDims, label: str, model_format: str, bits: int | None,
         prompt_tokens=prompt, visual_tokens=visual, layers=dims.num_hidden_layers,
         layer_bytes=layer_weights + kv_layer, last_bytes=head + logits, transient_bytes=prefill,
         first_bytes=embed + vision_weights + pixels + max(vision_peak - prefill, 0))
+
+
+def _activation_parts(dims: ModelDims, prompt: int, visual: int) -> tuple[int, int, int, int]:
+    """(pixel tensor, vision-tower peak, decoder prefill peak, last-position logits) in bytes."""
+    vis = dims.vision
+    patches = visual * vis.spatial_merge_size ** 2
+    pixels = patches * vis.patch_values * PIXEL_BYTES
+    vision_peak = patches * (VISION_BYTES_PER_DIM * vis.embed_dim + vis.patch_values * DTYPE_BYTES)
+    logits = dims.vocab_size * (DTYPE_BYTES + 4 + 4)  # last position only: 16-bit, fp32, probs
+    per_token = 8 * dims.intermediate_size + 8 * dims.hidden_size + 4 * dims.head_dim * 2
+    prefill = prompt * per_token  # gate, up, act, product of the MLP; residual, norm, rotary
+    return pixels, vision_peak, prefill, logits
+
+
+def prompt_bytes(dims: ModelDims, prompt_tokens: int, visual_tokens: int, new_tokens: int) -> int:
+    """Memory one request needs on top of the loaded weights: its activations (the larger of
+    the vision tower's and the prefill's peak, the pixels, the logits) and its KV cache."""
+    pixels, vision_peak, prefill, logits = _activation_parts(dims, prompt_tokens, visual_tokens)
+    kv = dims.kv_bytes_per_token(DTYPE_BYTES) * (prompt_tokens + new_tokens)
+    return pixels + max(vision_peak, prefill) + logits + kv
 
 
 def _layer_weight_bytes(dims: ModelDims, bits: int | None, model_format: str) -> int:

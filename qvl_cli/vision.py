@@ -128,6 +128,21 @@ class VisionInfo:
         data = {k: v for k, v in self.__dict__.items() if v is not None and k != "indices"}
         return data
 
+    def cap_note(self) -> str | None:
+        """For an image scaled down by the pixel budget: what it would have cost at the
+        checkpoint's own limit (16384 tokens) and what it costs now; None otherwise."""
+        if self.kind != "image":
+            return None
+        full_h, full_w = sizing.smart_resize(self.height, self.width,
+                                             max_pixels=sizing.IMAGE_MAX_TOKENS * sizing.FACTOR ** 2)
+        full = sizing.visual_tokens(full_h, full_w)
+        if full <= self.tokens:
+            return None
+        megapixels = self.width * self.height / 1e6
+        return (f"this {megapixels:.1f} MP image is {full:,} visual tokens at full size; capped to "
+                f"{self.tokens:,} by --max-pixels ({self.resized_width}x{self.resized_height}); "
+                f"raise --max-pixels for finer detail")
+
 
 class VisionInputs(NamedTuple):
     """What process_vision_info(..., return_video_kwargs=True) returns, plus the infos."""

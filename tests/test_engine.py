@@ -12,7 +12,7 @@ import pytest
 
 from media_fixtures import make_frames, make_image, make_video
 from qvl_cli.engine import Engine, EngineOptions
-from qvl_cli.errors import EngineError, MediaError, PromptTooLong
+from qvl_cli.errors import EngineError, MediaError, OutOfMemory, PromptTooLarge, PromptTooLong
 from qvl_cli.generation import Answer, GenerationParams, collect
 
 IMG = {"min_pixels": 3136, "max_pixels": 1280 * 28 * 28}  # the same sizing for qvl and the reference
@@ -199,3 +199,40 @@ def test_batch_answers_equal_single_answers(engine, media):
         assert (batched.finish_reason, batched.usage) == (one.finish_reason, one.usage)
     with pytest.raises(ValueError, match="share their sampling"):
         list(engine.run_jobs([engine.job(story(), GREEDY), engine.job(story(), GREEDY.merged(seed=3))]))
+
+
+def test_out_of_memory_is_one_line_with_figures_and_the_engine_still_serves(engine, monkeypatch):
+    import torch
+
+    real = engine.model.generate
+
+    def oom(**kwargs):
+        kwargs["streamer"].put(kwargs["input_ids"])
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine.model, "generate", oom)
+    with pytest.raises(OutOfMemory) as info:
+        collect(engine.stream(story(), GREEDY))
+    assert "out of memory on cpu while generating for 1 request(s) of" in info.value.message
+    assert "prompt tokens" in info.value.message and "-f awq" in info.value.hint
+    monkeypatch.setattr(engine.model, "generate", real)
+    assert collect(engine.stream(story(), GREEDY)).usage.completion_tokens == 24
+    assert generate_threads() == []
+
+
+def test_the_loaded_model_knows_its_figures_for_memory_checks(engine):
+    assert engine.dims is not None
+    assert (engine.dims.hidden_size, engine.dims.num_hidden_layers, engine.dims.vision.embed_dim) == (64, 2, 32)
+    assert engine.dims.total_parameters == sum(p.numel() for p in engine.model.parameters())
+
+
+@pytest.mark.gpu
+def test_a_prompt_too_large_for_free_gpu_memory_is_refused_with_figures(tiny_model, media, monkeypatch):
+    import torch
+
+    gpu = Engine.load(tiny_model, EngineOptions(device="cuda"))
+    assert collect(gpu.stream(CASES["one image"](media), GREEDY)).usage.completion_tokens > 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    with pytest.raises(PromptTooLarge, match="GiB more; cuda:0 has 0.0 GiB free"):
+        gpu.job(CASES["one image"](media), GREEDY)

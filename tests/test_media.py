@@ -317,3 +317,13 @@ def test_media_modules_import_nothing_heavy():
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cap_note_says_what_the_pixel_budget_did():
+    from qvl_cli.vision import VisionInfo
+
+    capped = VisionInfo("image", "photo.jpg", 4032, 3024, 1148, 840, 1230)
+    assert capped.cap_note() == ("this 12.2 MP image is 15,552 visual tokens at full size; capped to 1,230 by "
+                                 "--max-pixels (1148x840); raise --max-pixels for finer detail")
+    assert VisionInfo("image", "small.png", 300, 200, 308, 196, 77).cap_note() is None
+    assert VisionInfo("video", "c.mp4", 640, 480, 644, 476, 800, frames=4).cap_note() is None

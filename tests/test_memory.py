@@ -134,3 +134,36 @@ def test_importing_the_estimator_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=qvl_env())
     assert out.stdout.strip() == "[]"
+
+
+def test_from_config_reads_a_published_style_config_like_the_catalogue():
+    from dataclasses import asdict
+
+    from qvl_cli import dims as dims_mod
+    from qvl_cli import specs
+
+    spec = specs.resolve(size_in_billions="7", hub="huggingface")
+    cat = spec.dims
+    config = {"hidden_size": cat.hidden_size, "intermediate_size": cat.intermediate_size,
+              "num_hidden_layers": cat.num_hidden_layers, "num_attention_heads": cat.num_attention_heads,
+              "num_key_value_heads": cat.num_key_value_heads, "vocab_size": cat.vocab_size,
+              "tie_word_embeddings": cat.tie_word_embeddings,
+              "vision_config": {"depth": cat.vision.depth, "embed_dim": cat.vision.embed_dim,
+                                "num_heads": cat.vision.num_heads, "mlp_ratio": cat.vision.mlp_ratio,
+                                "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2,
+                                "temporal_patch_size": 2, "hidden_size": cat.hidden_size}}
+    assert asdict(dims_mod.from_config(config)) == asdict(cat)
+    assert dims_mod.from_config({"hidden_size": 8}) is None
+
+
+def test_prompt_bytes_grow_with_pixels_and_tokens():
+    from qvl_cli import specs
+    from qvl_cli.memory import prompt_bytes
+
+    d = specs.resolve(size_in_billions="7", hub="huggingface").dims
+    small = prompt_bytes(d, 1400, 1280, 512)
+    big_image = prompt_bytes(d, 15700, 15552, 512)
+    assert small < big_image
+    assert prompt_bytes(d, 1400, 1280, 4096) - small == d.kv_bytes_per_token(2) * (4096 - 512)
+    # a 12 MP photo at the checkpoint's own limit needs several GiB on top of the weights
+    assert 2 * 2**30 < big_image < 20 * 2**30

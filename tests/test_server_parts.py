@@ -445,3 +445,11 @@ def test_scheduler_batches_waiting_jobs_with_the_same_key():
     assert [c.text for c in out["a2"]] == ["1", ""] and out["gone"] == []
     assert scheduler.stats()["largest_batch"] == 3
     scheduler.close()
+
+
+def test_out_of_memory_answers_503_and_too_large_a_prompt_400():
+    from qvl_cli import api
+    from qvl_cli.errors import OutOfMemory, PromptTooLarge
+
+    assert api.http_error(OutOfMemory("out of memory on cuda:0", "lower --max-pixels")).status == 503
+    assert api.http_error(PromptTooLarge("this prompt needs ~9.0 GiB more", "lower --max-pixels")).status == 400
