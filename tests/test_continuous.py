@@ -187,3 +187,26 @@ def test_the_server_scheduler_joins_requests_into_the_running_batch(fast):
     for q in QUESTIONS:
         assert not any(isinstance(item, BaseException) for item in results[q])
         assert collect(results[q]).text == _alone(fast, q, params).text
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_graphs_and_gpu_preprocessing_keep_the_answers(tiny_model, tmp_path):
+    """CUDA graphs in a continuous batch, and pixels normalised on the GPU, change no answer."""
+    from PIL import Image
+
+    from qvl_cli.engine import Engine, EngineOptions
+
+    image = tmp_path / "noise.png"
+    Image.effect_noise((112, 84), 60).convert("RGB").save(image)
+    fast = Engine.load(tiny_model, EngineOptions(device="cuda", dtype="float32", compile="graphs"))
+    plain = Engine.load(tiny_model, EngineOptions(device="cuda", dtype="float32", decode_loop="generate",
+                                                  gpu_preprocess="off"))
+    assert fast.describe()["decode"] == "qvl loop, cuda-graph step, GPU preprocessing"
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(image)},
+                                             {"type": "text", "text": "Describe this image."}]}]
+    assert fast.prepare(messages).inputs["pixel_values"].is_cuda
+    params = GenerationParams(max_tokens=24, temperature=0)
+    assert collect(fast.stream(messages, params)).text == collect(plain.stream(messages, params)).text
+    answers, _ = _schedule(fast, {0: QUESTIONS[:2], 3: QUESTIONS[2:]}, params)
+    for q in QUESTIONS:
+        assert answers[q].text == _alone(plain, q, params).text
