@@ -15,11 +15,11 @@ import typer
 
 from . import __version__, render, settings
 from .errors import EXIT_FAILURE, QvlError, UsageError, translate
-from .options import (AllowLocalMedia, AllowRemoteMedia, ApiKey, Attn, ContextLength, Device, DownloadHub,
-                      DryRun, Dtype, Endpoint, Fit, Force, Foreground, Fps, GpuIdx, Host, Images, JsonOutput,
-                      MaxBatch, MaxBodyMb, MaxFrames, MaxMemory, MaxPixels, MaxQueue, MaxTokens, MinPixels,
-                      ModelEngine, ModelFormat, ModelName, ModelPath, ModelUid, NGpu, Offline, Port,
-                      Quantization, Quiet, RepetitionPenalty, Revision, Seed, SizeInBillions, Stop,
+from .options import (AllowLocalMedia, AllowRemoteMedia, ApiKey, Attn, Compile, ContextLength, DecodeLoop, Device,
+                      DownloadHub, DryRun, Dtype, Endpoint, Fit, Force, Foreground, Fps, GpuIdx, GpuPreprocess, Host,
+                      Images, JsonOutput, MaxBatch, MaxBodyMb, MaxFrames, MaxMemory, MaxPixels, MaxQueue, MaxTokens,
+                      MinPixels, ModelEngine, ModelFormat, ModelName, ModelPath, ModelUid, NGpu, Offline, Port,
+                      Quantization, Quiet, RepetitionPenalty, Revision, Seed, SizeInBillions, StaticCache, Stop,
                       Temperature, TopK, TopP, VideoEnd, Videos, VideoStart, Yes)
 
 APP_HELP = """qvl: launch, chat with and serve the Qwen2-VL vision-language models.
@@ -328,6 +328,10 @@ def launch(
     max_memory: MaxMemory = None,
     dtype: Dtype = "auto",
     attn: Attn = "auto",
+    compile_mode: Compile = "auto",
+    static_cache: StaticCache = "auto",
+    decode_loop: DecodeLoop = "auto",
+    gpu_preprocess: GpuPreprocess = "auto",
     context_length: ContextLength = None,
     max_pixels: MaxPixels = None,
     force: Force = False,
@@ -345,13 +349,14 @@ def launch(
     json_output: JsonOutput = False,
 ) -> None:
     """Start a model as an OpenAI-compatible server in the background and print its endpoint."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
-    from . import devices, launcher, memory
+    from . import devices, fastpath, launcher, memory
 
     key = launcher.default_api_key(api_key)
     launcher.warn_exposed(host, key)
-    engine = devices.engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn)
+    engine = replace(devices.engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn), warmup=True,
+                     **fastpath.flags(decode_loop, compile_mode, static_cache, gpu_preprocess))
     launcher.check_port_free(host, port)
     choice = launcher.choose_model(
         dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,
@@ -430,7 +435,8 @@ def chat(
     max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None,
     repetition_penalty: RepetitionPenalty = None, seed: Seed = None, stop: Stop = None,
     device: Device = "auto", gpu_idx: GpuIdx = None, n_gpu: NGpu = None, max_memory: MaxMemory = None,
-    dtype: Dtype = "auto", attn: Attn = "auto", force: Force = False,
+    dtype: Dtype = "auto", attn: Attn = "auto", compile_mode: Compile = "auto", static_cache: StaticCache = "auto",
+    decode_loop: DecodeLoop = "auto", gpu_preprocess: GpuPreprocess = "auto", force: Force = False,
     endpoint: Endpoint = None, model_uid: ModelUid = None, api_key: ApiKey = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, usage, timings).")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speed on stderr.")] = False,
@@ -439,10 +445,12 @@ def chat(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress or status on stderr.")] = False,
 ) -> None:
     """Ask about images and videos: one answer streamed to stdout, or an interactive chat."""
-    from . import chat_run, devices
+    from . import chat_run, devices, fastpath
     from .engine import EngineOptions
     from .generation import GenerationParams
 
+    fast = fastpath.flags(decode_loop=decode_loop, compile=compile_mode, static_cache=static_cache,
+                          gpu_preprocess=gpu_preprocess)
     request = chat_run.ChatRequest(
         prompt=prompt, spec_flags=dict(model_name=model_name, model_engine=model_engine,
                                        size_in_billions=size_in_billions, model_format=model_format,
@@ -453,7 +461,8 @@ def chat(
                          video_start=video_start, video_end=video_end),
         system=system, params=GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                seed, tuple(stop or ())),
-        engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn),
+        engine_options=EngineOptions(device, devices.parse_gpu_idx(gpu_idx), n_gpu, max_memory, dtype, attn,
+                                     **fast),
         json_output=json_output, stats=stats, verbose=verbose, quiet=quiet,
         endpoint=endpoint, model_uid=model_uid, api_key=api_key)
     raise typer.Exit(chat_run.run(request))

@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,12 @@ class EngineOptions:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     attn: str = "auto"  # auto | sdpa | flash_attention_2 | eager
     model_format: str = "pytorch"
+    # The fast path (qvl_cli.fastpath): "auto" is decided by fastpath.resolve.
+    decode_loop: str = "auto"  # auto | qvl | generate
+    compile: str = "auto"  # auto | on (torch.compile) | graphs (CUDA graphs) | off
+    static_cache: str = "auto"  # auto | on | off
+    gpu_preprocess: str = "auto"  # auto | on | off: image normalisation on the GPU
+    warmup: bool = False  # compile / capture the decode step at load (servers)
 
 
 @dataclass
@@ -58,7 +64,10 @@ class Job:
 
 class Engine:
     def __init__(self, model: Any, processor: Any, plan: devices.Plan, path: Path,
-                 context_length: int, load_seconds: float, notes: tuple[str, ...] = ()) -> None:
+                 context_length: int, load_seconds: float, notes: tuple[str, ...] = (),
+                 decoder: Any = None) -> None:
+        from . import fastpath
+
         self.model = model
         self.notes = notes  # what the user should know about how it runs (print them on stderr)
         self.processor = processor
@@ -67,6 +76,9 @@ class Engine:
         self.context_length = context_length
         self.load_seconds = load_seconds
         self.lock = threading.Lock()  # one generation at a time on one model
+        # model.generate, or qvl's fast loop: called with generate's arguments
+        self.decoder = decoder or fastpath.make_decoder(model, fastpath.DecodeConfig(), context_length)
+        self.warmup_seconds = 0.0
         from .dims import from_config
 
         self.dims = from_config(model.config.to_dict())  # for the memory check of each prompt
@@ -94,12 +106,16 @@ class Engine:
         import torch
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
+        from . import fastpath
+
         plan = devices.plan(torch, options)
+        decode = fastpath.resolve(options, bool(plan.gpus), len(plan.gpus) <= 1, plan.attn)
         notes = list(plan.notes)
         try:
             extra = _quantized_load_kwargs(path, quantized, plan, notes) if quantized else {}
             model = Qwen2VLForConditionalGeneration.from_pretrained(
-                path, dtype=plan.dtype, attn_implementation=plan.attn, **plan.load_kwargs, **extra)
+                path, dtype=plan.dtype, attn_implementation=fastpath.attn_implementation(plan.attn, decode),
+                **plan.load_kwargs, **extra)
             if plan.device_map is None:
                 model.to(plan.device)
             if quantized and not plan.gpus:
@@ -111,7 +127,25 @@ class Engine:
                 f"cannot load the model from {path}: {type(exc).__name__}: {_first_line(exc)}",
                 "check that the folder holds a complete Qwen2-VL checkpoint (`qvl verify`)") from exc
         context = context_length or getattr(model.config.get_text_config(), "max_position_embeddings", 32768)
-        return cls(model, processor, plan, path, context, time.perf_counter() - start, tuple(notes))
+        engine = cls(model, processor, plan, path, context, time.perf_counter() - start, tuple(notes),
+                     decoder=fastpath.make_decoder(model, decode, context))
+        if options.warmup:
+            engine.warmup()
+        return engine
+
+    def warmup(self, batches: Sequence[int] = (1, 2), up_to: int | None = None) -> float:
+        """Compile / capture the decode step ahead of the first request (what `qvl launch` pays
+        before it says ready) for these batch sizes and every cache bucket up to ``up_to``
+        positions (4096); returns and keeps the seconds it took (0 when nothing to do).
+        With torch.compile, batch 1 and batch 2 compile the two graphs every later shape
+        reuses (only a CUDA graph is recorded for a new shape)."""
+        from . import fastpath
+
+        with self.lock:
+            seconds = self.decoder.warmup(batches, min(up_to or fastpath.DEFAULT_WARMUP_LENGTH,
+                                                       self.context_length))
+        self.warmup_seconds += seconds
+        return seconds
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -126,7 +160,8 @@ class Engine:
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         visual = vision.prepare_vision(messages, self.vision_defaults, policy or media.PERMISSIVE)
         inputs = self.processor(text=[text], images=visual.images, videos=visual.videos, padding=True,
-                                return_tensors="pt", **visual.processor_kwargs())
+                                return_tensors="pt", **visual.processor_kwargs(),
+                                **self._preprocess_kwargs(visual.images, visual.videos))
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         if prompt_tokens >= self.context_length:
             raise PromptTooLong(
@@ -209,6 +244,22 @@ class Engine:
             raise ValueError("jobs in one batch must share their sampling parameters")
         with self.lock:
             yield from self._run(list(jobs))
+
+    def run_continuous(self, take: Callable[[int, bool], Sequence[Job]], max_batch: int = 16,
+                       cache_length: int | None = None) -> Iterator[tuple[Job, Chunk]]:
+        """Decode jobs as they come (continuous batching); yields (job, chunk).
+
+        ``take(free, wait)`` returns up to ``free`` new jobs; it is called between decode
+        steps with ``wait`` False (return at once), and with ``wait`` True when nothing is
+        running (block until work comes; return nothing to end the run). A job joins the
+        running batch as soon as a row is free and ends with its own final chunk. With
+        transformers' generate or the eager step, jobs are batched statically instead
+        (the ones waiting when a batch starts). See :mod:`qvl_cli.continuous`.
+        """
+        from . import continuous
+
+        with self.lock:
+            yield from continuous.run(self, take, max_batch, cache_length)
 
     def collate(self, prepared: Sequence[Prepared]) -> dict[str, Any]:
         """Left-pad the token rows of several prepared requests and concatenate their pixels."""
@@ -298,6 +349,12 @@ class Engine:
                     f"{top_p} (the checkpoint's generation_config); add --top-k 0 --top-p 0.9 for varied answers")
         return None
 
+    def _preprocess_kwargs(self, images: Any, videos: Any) -> dict[str, Any]:
+        """Normalise and patch the pixels on the GPU (the processor's torchvision backend)."""
+        if (images or videos) and getattr(self.decoder.config, "gpu_preprocess", False):
+            return {"device": self.plan.input_device}
+        return {}
+
     def _generate_worker(self, inputs, kwargs, seed, streamer, tokens) -> None:
         import torch
 
@@ -305,7 +362,7 @@ class Engine:
             with torch.inference_mode():
                 if seed is not None:
                     torch.manual_seed(seed)
-                self.model.generate(**inputs, **kwargs)
+                self.decoder.generate(**inputs, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
             tokens.put(exc)
         finally:
@@ -318,7 +375,8 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "device": self.plan.describe(), "dtype": self.plan.dtype_name,
                 "attn": self.plan.attn, "context_length": self.context_length,
-                "load_seconds": round(self.load_seconds, 2), "notes": list(self.notes)}
+                "load_seconds": round(self.load_seconds, 2), "notes": list(self.notes),
+                **self.decoder.describe(), "warmup_seconds": round(self.warmup_seconds, 2)}
 
 
 class _QueueStreamer:

@@ -86,6 +86,20 @@ Attn = Annotated[str, typer.Option(
     "--attn", metavar="IMPL", help="auto (flash_attention_2 when installed, else sdpa), sdpa, "
     "flash_attention_2 or eager.", rich_help_panel=ENGINE_PANEL)]
 
+Compile = Annotated[str, typer.Option(
+    "--compile", metavar="MODE", help="Decode step: auto (on one GPU: CUDA graphs for chat, torch.compile "
+    "with a warm-up before a server says ready; off on CPU and for AWQ/GPTQ), on (torch.compile), graphs "
+    "(CUDA graphs, no compiler) or off.", rich_help_panel=ENGINE_PANEL)]
+StaticCache = Annotated[str, typer.Option(
+    "--static-cache", metavar="auto|on|off", help="Preallocated KV cache in power-of-two buckets (auto: "
+    "with --compile).", rich_help_panel=ENGINE_PANEL)]
+DecodeLoop = Annotated[str, typer.Option(
+    "--decode-loop", metavar="LOOP", help="auto (qvl's loop on CUDA: sampling on the GPU, no host sync "
+    "per token; transformers' generate on CPU), qvl or generate.", rich_help_panel=ENGINE_PANEL)]
+GpuPreprocess = Annotated[str, typer.Option(
+    "--gpu-preprocess", metavar="auto|on|off", help="Normalise and patch images and video frames on the "
+    "GPU (auto: on CUDA).", rich_help_panel=ENGINE_PANEL)]
+
 # --- media -------------------------------------------------------------------------------
 
 MEDIA_PANEL = "Images and videos"

@@ -14,7 +14,9 @@ Batched decoding lives behind two methods: ``_take`` takes the oldest waiting jo
 ``max_batch - 1`` later ones with the same sampling parameters (``params.batch_key()``), and
 ``_execute`` runs a single job with ``engine.stream`` or a batch with ``engine.run_jobs``
 (left-padded, each job ending on its own). ``max_batch`` 1 (the default) is one request at a
-time; a smarter policy (continuous batching, a paged cache) replaces these two methods.
+time. When the engine decodes with qvl's static-cache loop (a GPU; see qvl_cli.fastpath) and
+``max_batch`` is above 1, :meth:`_loop_continuous` replaces both: requests join the running
+batch between two decode steps and leave it when done (``Engine.run_continuous``).
 """
 
 from __future__ import annotations
@@ -142,7 +144,12 @@ class Scheduler:
             self.largest_batch = max(self.largest_batch, len(batch))
             return batch
 
+    def _continuous(self) -> bool:
+        return self.max_batch > 1 and getattr(getattr(self.engine, "decoder", None), "pool", None) is not None
+
     def _loop(self) -> None:
+        if self._continuous():
+            return self._loop_continuous()
         while True:
             batch = self._take()
             if not batch:
@@ -155,6 +162,61 @@ class Scheduler:
                     job.emit(DONE)
                 with self._lock:
                     self._running = []
+
+    def _take_joining(self, free: int, wait: bool, owners: dict[int, Job]) -> list[Any]:
+        """Up to ``free`` waiting jobs as engine jobs (blocking only when ``wait``)."""
+        with self._ready:
+            while wait and not self._queue and not self._closed:
+                self._ready.wait()
+            taken: list[Any] = []
+            while self._queue and len(taken) < free and not self._closed:
+                job = self._queue.popleft()
+                if job.cancel.is_set():
+                    job.prepared = None
+                    job.emit(DONE)
+                    continue
+                try:
+                    engine_job = self.engine.job(job.messages, job.params, job.prepared, job.cancel)
+                except Exception as exc:  # noqa: BLE001 - this request's own error
+                    self.failed += 1
+                    job.emit(exc)
+                    job.emit(DONE)
+                    continue
+                owners[id(engine_job)] = job
+                self._running.append(job)
+                taken.append(engine_job)
+            self.largest_batch = max(self.largest_batch, len(self._running))
+            return taken
+
+    def _loop_continuous(self) -> None:
+        while not self._closed:
+            owners: dict[int, Job] = {}
+            try:
+                for engine_job, chunk in self.engine.run_continuous(
+                        lambda free, wait: self._take_joining(free, wait, owners), self.max_batch):
+                    job = owners[id(engine_job)]
+                    job.emit(chunk)
+                    if chunk.finish_reason is not None:
+                        self._finished(job)
+                        self.completed += 1
+            except BaseException as exc:  # noqa: BLE001 - handed to the requests that own the jobs
+                with self._lock:
+                    running = list(self._running)
+                self.failed += len(running)
+                for job in running:
+                    job.emit(exc)
+                    self._finished(job)
+        with self._lock:
+            left, self._queue = list(self._queue), collections.deque()
+        for job in left:  # cancelled by close(): end their responses
+            job.prepared = None
+            job.emit(DONE)
+
+    def _finished(self, job: Job) -> None:
+        job.prepared = None  # free the pixel tensors now, not when the response ends
+        job.emit(DONE)
+        with self._lock:  # by identity: Job compares by value, tensors included
+            self._running = [j for j in self._running if j is not job]
 
     def _execute(self, batch: list[Job]) -> None:
         try:

@@ -314,16 +314,23 @@ def _load(state: ServerState, server: Any, entry: registry.Entry, announce: Anno
         announce({"event": "status", "message": f"loading the model from {config.model_path}"})
         options = dict(config.engine)
         options["gpu_idx"] = tuple(options["gpu_idx"]) if options.get("gpu_idx") else None
+        warmup = options.pop("warmup", False)
         engine = Engine.load(config.model_path, EngineOptions(**options), config.context_length)
+        if warmup and engine.decoder.config.step in ("compile", "cuda-graph"):
+            announce({"event": "status", "message": f"preparing the decode step ({engine.decoder.config.describe()}; "
+                      "once, before serving)"})
+            engine.warmup()
         # One tokenization now sets the fast tokenizer's padding state, so that requests
         # prepared concurrently never mutate it (the Rust tokenizer's "Already borrowed").
         engine.prepare([{"role": "user", "content": [{"type": "text", "text": "hello"}]}])
         state.ready(engine)
         registry.update(entry, state=registry.RUNNING, gpu_memory_bytes=_gpu_memory(engine),
                         device=engine.plan.describe())
+        warm = f", decode step compiled in {engine.warmup_seconds:.1f} s" if engine.warmup_seconds else ""
         log(f"{config.uid} ready on {entry.endpoint} ({engine.plan.describe()}, {engine.plan.dtype_name}, "
-            f"loaded in {engine.load_seconds:.1f} s)")
+            f"loaded in {engine.load_seconds:.1f} s{warm})")
         announce({"event": "ready", "port": entry.port, "load_seconds": round(engine.load_seconds, 2),
+                  "warmup_seconds": round(engine.warmup_seconds, 2),
                   "device": engine.plan.describe(), "dtype": engine.plan.dtype_name})
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, then the process ends
         err = translate(exc) or EngineError(f"the model failed to load: {type(exc).__name__}: "

@@ -171,6 +171,7 @@ def bench_engine(args: argparse.Namespace) -> None:
     model_dir = make_tiny_model(root / "tiny")
     image = make_image(root / "photo.png", 640, 480)
     engine = Engine.load(model_dir, EngineOptions(device="cpu"))
+    fast = Engine.load(model_dir, EngineOptions(device="cpu", decode_loop="qvl"))  # qvl's decode loop
     messages = [{"role": "user", "content": [{"type": "image", "image": str(image)},
                                              {"type": "text", "text": "Describe this picture."}]}]
     prepared = engine.prepare(messages)
@@ -195,7 +196,11 @@ def bench_engine(args: argparse.Namespace) -> None:
     def qvl() -> int:
         return collect(engine.stream(messages, params, prepared=prepared)).usage.completion_tokens
 
-    paths = {"bare generate (thread)": bare_thread, "qvl Engine.stream": qvl, "bare generate (main)": bare}
+    def qvl_loop() -> int:
+        return collect(fast.stream(messages, params, prepared=prepared)).usage.completion_tokens
+
+    paths = {"bare generate (thread)": bare_thread, "qvl Engine.stream": qvl, "qvl stream, qvl loop": qvl_loop,
+             "bare generate (main)": bare}
     for run in paths.values():  # warm-up
         run()
     times: dict[str, list[float]] = {name: [] for name in paths}

@@ -1,0 +1,338 @@
+"""qvl's decode loop: the engine's fast path next to plain ``model.generate``.
+
+The engine calls ``decoder.generate(**inputs, **kwargs)`` with the same arguments it would
+give ``model.generate`` (a streamer and stopping criteria included). :func:`make_decoder`
+returns either :class:`GenerateDecoder` (transformers' own loop) or :class:`FastDecoder`:
+
+- sampling on the device with transformers' own logits processors, so greedy output is
+  token-for-token that of ``generate``, and seeded sampling draws the same tokens;
+- no host-device synchronisation per token: the step for token i+1 is queued before the
+  host waits for token i, which is copied into pinned memory asynchronously (the host is
+  never more than one step behind and the GPU never idles waiting for Python);
+- optionally a static KV cache sized to a power-of-two bucket, and the decode step
+  replayed as a CUDA graph or compiled with ``torch.compile`` (see :mod:`qvl_cli.decode_step`).
+
+:func:`resolve` turns the engine options into a :class:`DecodeConfig` (what ``auto`` means
+on this machine); it is pure and tested without torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UsageError
+
+COMPILE_MODES = ("auto", "on", "graphs", "off")
+SWITCHES = ("auto", "on", "off")
+DECODE_LOOPS = ("auto", "qvl", "generate")
+TEXT_ATTN = "qvl_sdpa"  # qvl_cli.attention.NAME (not imported here: it is light, but keep it lazy)
+# Warm-up prepares every cache bucket up to this many positions (prompt + answer).
+DEFAULT_WARMUP_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """What the engine does for each token, after ``auto`` was decided."""
+
+    loop: str = "generate"  # "qvl" or "generate"
+    step: str = "eager"  # "eager" (dynamic cache), "static", "cuda-graph", "compile"
+    gpu_preprocess: bool = False
+    text_attn: str | None = None  # attention for the language model when it must differ
+
+    @property
+    def static_cache(self) -> bool:
+        return self.step != "eager"
+
+    def describe(self) -> str:
+        if self.loop == "generate":
+            return "transformers generate"
+        return f"qvl loop, {self.step} step" + (", GPU preprocessing" if self.gpu_preprocess else "")
+
+
+def _choice(name: str, value: str, allowed: Iterable[str]) -> str:
+    value = (value or "auto").lower()
+    if value not in allowed:
+        raise UsageError(f"unknown {name} {value!r}", "use " + ", ".join(allowed))
+    return value
+
+
+def flags(decode_loop: str = "auto", compile: str = "auto", static_cache: str = "auto",
+          gpu_preprocess: str = "auto") -> dict[str, str]:
+    """The fast-path CLI flags checked (UsageError on an unknown value, before anything is
+    downloaded or loaded) -> EngineOptions keyword arguments."""
+    return {"decode_loop": _choice("--decode-loop", decode_loop, DECODE_LOOPS),
+            "compile": _choice("--compile", compile, COMPILE_MODES),
+            "static_cache": _choice("--static-cache", static_cache, SWITCHES),
+            "gpu_preprocess": _choice("--gpu-preprocess", gpu_preprocess, SWITCHES)}
+
+
+def resolve(options: Any, on_gpu: bool, single_device: bool = True, attn: str = "sdpa") -> DecodeConfig:
+    """Decide the decode path from EngineOptions-like ``options`` and the device plan.
+
+    ``auto`` means: qvl's loop on CUDA (the loop matters there; on a CPU it gains little),
+    a static cache with CUDA graphs on one GPU, torch.compile when the engine is warmed up
+    at load (``warmup``: a server pays the compile once, a one-shot chat would not earn it
+    back), GPU image preprocessing on CUDA. Quantized checkpoints (their kernels refuse
+    torch.compile) and models split over several GPUs keep the eager step.
+    """
+    loop = _choice("--decode-loop", getattr(options, "decode_loop", "auto"), DECODE_LOOPS)
+    compile_ = _choice("--compile", getattr(options, "compile", "auto"), COMPILE_MODES)
+    static = _choice("--static-cache", getattr(options, "static_cache", "auto"), SWITCHES)
+    gpu_pre = _choice("--gpu-preprocess", getattr(options, "gpu_preprocess", "auto"), SWITCHES)
+    quantized = getattr(options, "model_format", "pytorch") in ("awq", "gptq")
+    if loop == "auto":
+        loop = "qvl" if on_gpu or compile_ in ("on", "graphs") or static == "on" else "generate"
+    if loop == "generate":
+        if compile_ in ("on", "graphs") or static == "on":
+            raise UsageError("--compile and --static-cache need qvl's decode loop",
+                             "drop --decode-loop generate, or the other flag")
+        return DecodeConfig("generate", "eager", on_gpu and gpu_pre != "off")
+    if compile_ == "graphs" and not on_gpu:
+        raise UsageError("--compile graphs needs a CUDA GPU", "use --compile on (inductor) or off on CPU")
+    if compile_ == "auto":
+        if not on_gpu or quantized or not single_device:
+            compile_ = "off"
+        else:
+            compile_ = "on" if getattr(options, "warmup", False) else "graphs"
+    if compile_ != "off" and not single_device:
+        raise UsageError(f"--compile {compile_} needs the model on one device",
+                         "use --compile off with --n-gpu above 1")
+    if compile_ != "off" and static == "off":
+        raise UsageError(f"--compile {compile_} needs the static KV cache", "drop --static-cache off")
+    if compile_ == "on":
+        step = "compile"
+    elif compile_ == "graphs":
+        step = "cuda-graph"
+    elif static == "on":
+        step = "static"
+    else:
+        step = "eager"
+    # The static step's mask is sdpa's boolean one (and flash-attention-2 would read the padding
+    # on the host): the language model runs on qvl_sdpa (sdpa without the K/V copies of grouped
+    # heads under torch.compile, see qvl_cli.attention), the vision tower keeps ``attn``.
+    text_attn = TEXT_ATTN if step != "eager" else None
+    return DecodeConfig("qvl", step, on_gpu and gpu_pre != "off", text_attn)
+
+
+def attn_implementation(plan_attn: str, config: DecodeConfig) -> Any:
+    """The ``attn_implementation`` for from_pretrained: one name, or per sub-model."""
+    if config.text_attn is None or config.text_attn == plan_attn:
+        return plan_attn
+    from . import attention
+
+    attention.register()
+    return {"": plan_attn, "text_config": config.text_attn, "vision_config": plan_attn}
+
+
+def make_decoder(model: Any, config: DecodeConfig, context_length: int | None = None) -> Any:
+    if config.loop == "generate":
+        return GenerateDecoder(model, config)
+    return FastDecoder(model, config, context_length)
+
+
+class GenerateDecoder:
+    """transformers' ``generate``, unchanged."""
+
+    def __init__(self, model: Any, config: DecodeConfig) -> None:
+        self.model = model
+        self.config = config
+
+    def generate(self, **kwargs: Any) -> Any:
+        return self.model.generate(**kwargs)
+
+    def warmup(self, *args: Any, **kwargs: Any) -> float:
+        return 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"decode": self.config.describe()}
+
+
+@dataclass
+class _Readback:
+    """Tokens on their way to the host: pinned buffers and an event per step (two slots)."""
+
+    slots: list[tuple[Any, Any]] = field(default_factory=list)
+    turn: int = 0
+
+    @property
+    def asynchronous(self) -> bool:
+        return bool(self.slots) and self.slots[0][1] is not None
+
+    @classmethod
+    def make(cls, torch: Any, batch: int, device: Any) -> _Readback:
+        pinned = getattr(device, "type", str(device)).startswith("cuda")
+        make_event = (lambda: torch.cuda.Event()) if pinned else (lambda: None)
+        return cls([(torch.zeros(batch, dtype=torch.long, pin_memory=pinned), make_event()) for _ in range(2)])
+
+    def send(self, tokens: Any) -> tuple[Any, Any]:
+        host, event = self.slots[self.turn]
+        self.turn ^= 1
+        host.copy_(tokens, non_blocking=event is not None)
+        if event is not None:
+            event.record()
+        return host, event
+
+    @staticmethod
+    def receive(sent: tuple[Any, Any]) -> list[int]:
+        host, event = sent
+        if event is not None:
+            event.synchronize()
+        return host.tolist()
+
+
+class FastDecoder:
+    """``generate``-compatible greedy and sampled decoding without per-token host syncs."""
+
+    def __init__(self, model: Any, config: DecodeConfig, context_length: int | None = None) -> None:
+        from .decode_step import CachePool
+
+        self.model = model
+        self.config = config
+        self.context_length = context_length
+        self.pool = CachePool(model) if config.static_cache else None
+        if self.pool is not None and model.config.get_text_config()._attn_implementation != TEXT_ATTN:
+            from . import attention
+
+            attention.register()
+            model.set_attn_implementation({"text_config": TEXT_ATTN})  # the static mask is sdpa's
+        self.last: dict[str, Any] = {}
+
+    # --- the pieces -------------------------------------------------------------------------
+
+    def runner(self, batch: int, need: int) -> Any:
+        from . import decode_step as ds
+
+        if self.pool is None:
+            return ds.EagerRunner(self.model, batch, need)
+        limit = None if self.context_length is None else self.context_length + 1
+        return self.runner_for(self.pool.acquire(batch, ds.bucket(need, limit)))
+
+    def runner_for(self, slot: Any) -> Any:
+        """The runner of this decoder's step kind over a pooled cache slot."""
+        from . import decode_step as ds
+
+        cls = {"static": ds.StaticRunner, "cuda-graph": ds.GraphRunner, "compile": ds.CompiledRunner}[self.config.step]
+        return cls(self.model, slot.batch, slot.length, slot)
+
+    def sampler(self, input_ids: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        from .sampling import Sampler
+
+        return Sampler.build(self.model, input_ids, kwargs)
+
+    # --- generate -------------------------------------------------------------------------
+
+    def generate(self, input_ids: Any, attention_mask: Any = None, streamer: Any = None,
+                 stopping_criteria: Any = None, **kwargs: Any) -> Any:
+        """Decode like ``model.generate``; returns the (B, prompt + new) token ids."""
+        import torch
+
+        sampler, model_inputs = self.sampler(input_ids, kwargs)
+        batch, prompt = input_ids.shape
+        max_new = sampler.max_new_tokens
+        inputs = dict(model_inputs, input_ids=input_ids)
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        position_ids = self.model._prepare_position_ids_for_generation(input_ids, dict(inputs))
+        runner = self.runner(batch, prompt + max_new + 1)
+        started = time.perf_counter()
+        try:
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            logits = runner.prefill(inputs, position_ids)
+            ids = torch.full((batch, prompt + max_new), sampler.pad_id, dtype=torch.long, device=input_ids.device)
+            ids[:, :prompt] = input_ids
+            out = self._loop(runner, sampler, ids, prompt, logits, streamer, stopping_criteria)
+        finally:
+            runner.release()
+            if streamer is not None:
+                streamer.end()
+        self.last = {"runner": runner.kind, "cache_length": runner.length, "batch": batch,
+                     "seconds": time.perf_counter() - started}
+        return out
+
+    def _loop(self, runner: Any, sampler: Any, ids: Any, prompt: int, logits: Any, streamer: Any,
+              stopping_criteria: Any) -> Any:
+        import torch
+
+        readback = _Readback.make(torch, ids.shape[0], ids.device)
+        ahead = readback.asynchronous  # on a GPU, queue step i+1 before waiting for token i
+        host_ids = ids[:, :prompt].cpu()
+        unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        finished_host = [False] * ids.shape[0]
+        max_new = ids.shape[1] - prompt
+        done = 0
+        for i in range(max_new):
+            tokens = sampler.select(ids[:, :prompt + i], logits)
+            if sampler.eos is not None:
+                tokens = torch.where(unfinished, tokens, sampler.pad)
+                unfinished &= ~torch.isin(tokens, sampler.eos)
+            ids[:, prompt + i] = tokens
+            sent = readback.send(tokens)
+            more = i + 1 < max_new
+            if ahead and more:
+                logits = runner.step(tokens)
+            new = readback.receive(sent)
+            done = i + 1
+            if streamer is not None:
+                streamer.put(torch.tensor(new, dtype=torch.long))
+            host_ids = torch.cat([host_ids, torch.tensor(new, dtype=torch.long)[:, None]], dim=1)
+            if self._should_stop(new, finished_host, sampler, stopping_criteria, host_ids):
+                break
+            if more and not ahead:  # on a CPU nothing runs ahead: deliver first, then step
+                logits = runner.step(tokens)
+        return ids[:, :prompt + done]
+
+    @staticmethod
+    def _should_stop(new: list[int], finished: list[bool], sampler: Any, criteria: Any, host_ids: Any) -> bool:
+        for row, token in enumerate(new):
+            if token in sampler.eos_set:
+                finished[row] = True
+        if criteria is not None and len(criteria):
+            hit = criteria(host_ids, None)
+            for row, value in enumerate(hit.tolist()):
+                finished[row] = finished[row] or bool(value)
+        return all(finished)
+
+    # --- warm-up ----------------------------------------------------------------------------
+
+    def warmup(self, batches: Iterable[int] = (1,), up_to: int = DEFAULT_WARMUP_LENGTH) -> float:
+        """Compile or capture the decode step ahead of the requests; returns the seconds.
+
+        Batch 1 is prepared for every cache bucket up to ``up_to`` positions, and those caches
+        are kept (a captured graph belongs to its cache). With torch.compile, a larger batch
+        compiles the graph every batch above 1 shares (once, at the smallest bucket); CUDA
+        graphs for other shapes are captured when first used, in well under a second."""
+        from .decode_step import buckets_up_to
+
+        if self.config.step not in ("cuda-graph", "compile"):
+            return 0.0
+        import torch
+
+        started = time.perf_counter()
+        limit = self.context_length + 1 if self.context_length else None
+        lengths = [n for n in buckets_up_to(up_to) if limit is None or n <= limit]
+        self.pool.keep = max(self.pool.keep, len(lengths) + 1)
+        plan = [(b, lengths[0], False) for b in sorted(set(batches)) if b > 1 and self.config.step == "compile"]
+        plan += [(1, n, True) for n in lengths if 1 in batches]
+        with torch.inference_mode():
+            for batch, length, keep in plan:
+                runner = self.runner(batch, length)
+                try:
+                    runner.slot.prepare(self.model, self.config.step)
+                    for _ in range(3):  # compile / record / replay
+                        runner.step(runner.tokens.clone())
+                finally:
+                    runner.cache.reset()
+                    runner.release()
+                    if not keep:
+                        self.pool.drop(runner.slot)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def describe(self) -> dict[str, Any]:
+        return {"decode": self.config.describe(),
+                "caches": self.pool.describe() if self.pool is not None else []}
