@@ -14,6 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from benchutil import cpu_name  # scripts/ is on sys.path for every bench script
+
 HERE = Path(__file__).resolve().parent
 
 # The published Qwen2-VL-{2B,7B}-Instruct config.json values (see shared/reference/qwen2-vl.md).
@@ -155,21 +157,11 @@ def machine() -> dict[str, str]:
     import transformers
 
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "cpu": _cpu_name(), "cores": str(os.cpu_count())}
+            "transformers": transformers.__version__, "cpu": cpu_name(), "cores": str(os.cpu_count())}
     if torch.cuda.is_available():
         info.update(gpu=torch.cuda.get_device_name(0), cuda=str(torch.version.cuda), driver=_driver(),
                     flash_attn="yes" if importlib.util.find_spec("flash_attn") else "no")
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _driver() -> str:
