@@ -343,7 +343,7 @@ def launch(
     allow_local_media: AllowLocalMedia = None,
     allow_remote_media: AllowRemoteMedia = False,
     max_queue: MaxQueue = 32,
-    max_batch: MaxBatch = 1,
+    max_batch: MaxBatch = 8,
     max_body_mb: MaxBodyMb = 64,
     quiet: Quiet = False,
     json_output: JsonOutput = False,

@@ -194,8 +194,9 @@ MaxQueue = Annotated[int, typer.Option(
     "--max-queue", min=1, help="Requests admitted at once (running + waiting); more are answered 429.",
     rich_help_panel=SERVER_PANEL)]
 MaxBatch = Annotated[int, typer.Option(
-    "--max-batch", min=1, help="Decode up to this many waiting requests together (left-padded batch; "
-    "they must share temperature, top_p, top_k, seed). 1: one at a time.", rich_help_panel=SERVER_PANEL)]
+    "--max-batch", min=1, help="Decode up to this many requests together (continuous batching on a GPU, "
+    "left-padded batches on CPU; they must share temperature, top_p, top_k, seed). 1: one at a time.",
+    rich_help_panel=SERVER_PANEL)]
 MaxBodyMb = Annotated[int, typer.Option(
     "--max-body-mb", min=1, help="Largest request body in MiB (inline images and videos count); larger "
     "ones are answered 413.", rich_help_panel=SERVER_PANEL)]
