@@ -14,7 +14,6 @@ sizes and hashes that qvl checked after a complete download.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -271,6 +270,8 @@ def copy_state(hub: str, repo_id: str, revision: str, snapshot: Path, commit: st
 def hash_file(path: Path, git_sha1: bool = False) -> tuple[int, str, str | None]:
     """(size, sha256, git blob sha1 when asked) of a file, read once."""
     size = path.stat().st_size
+    import hashlib  # only when hashing: keeps `qvl list-specs` start-up light
+
     sha256 = hashlib.sha256()
     sha1 = hashlib.sha1(b"blob %d\0" % size) if git_sha1 else None
     with path.open("rb") as fh:

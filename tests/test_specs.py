@@ -288,3 +288,54 @@ def test_filter_rows(catalogue):
     assert len(specs.filter_rows(catalogue, quantization="int4")) == 6  # 2B, 7B x gptq, awq; 72B awq, gptq
     with pytest.raises(NoMatchingSpec, match="did you mean awq"):
         specs.filter_rows(catalogue, model_format="awk")
+
+
+# --- the validated JSON copy ----------------------------------------------------------
+
+def test_catalogue_copy_is_reused_and_equal_to_the_yaml(tmp_path, monkeypatch):
+    from qvl_cli import spec_cache
+
+    monkeypatch.setenv("QVL_HOME", str(tmp_path / "home"))
+    first = specs.load_catalogue()
+    assert spec_cache.cache_file().exists()
+    monkeypatch.setattr(specs, "_merge", lambda *a: pytest.fail("the YAML was read again"))
+    assert specs.load_catalogue() == first
+
+
+def test_catalogue_copy_goes_stale_when_a_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVL_HOME", str(tmp_path / "home"))
+    user = tmp_path / "home" / "specs"
+    user.mkdir(parents=True)
+    path = write(user, GOOD)
+    assert "tiny-vl" in specs.load_catalogue().names()
+    path.write_text(textwrap.dedent(GOOD).replace("name: tiny-vl", "name: tiny-vl-two"))
+    assert "tiny-vl-two" in specs.load_catalogue().names()
+    path.unlink()
+    assert specs.load_catalogue().names() == ["qwen2-vl-instruct"]
+    write(user, textwrap.dedent(GOOD).replace("context_length: 4096", "context_length: big"))
+    with pytest.raises(CatalogueError):  # a bad file is an error, never hidden by the copy
+        specs.load_catalogue()
+
+
+def test_a_broken_copy_is_ignored(tmp_path, monkeypatch):
+    from qvl_cli import spec_cache
+
+    monkeypatch.setenv("QVL_HOME", str(tmp_path / "home"))
+    first = specs.load_catalogue()
+    spec_cache.cache_file().write_text('{"key": "x", "families": ')
+    assert specs.load_catalogue() == first
+
+
+def test_second_start_imports_no_yaml(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import qvl_env
+
+    code = ("import sys\nfrom qvl_cli import specs\nspecs.load_catalogue()\n"
+            "print('yaml' in sys.modules)")
+    env = qvl_env({"QVL_HOME": str(tmp_path / "home")})
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=60).stdout.strip() for _ in range(2)]
+    assert [json.loads(r.lower()) for r in runs] == [True, False]
