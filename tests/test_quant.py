@@ -236,3 +236,17 @@ def test_script_says_which_group_size(tiny_model, tmp_path):
                           capture_output=True, text=True, timeout=120, check=True)
     assert "group size 64 (not the published 128" in done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-gptq-int8"]
+
+
+@pytest.mark.skipif(HAS_BACKEND, reason="the backend is installed here; this checks the missing case")
+@pytest.mark.parametrize("command", [["launch", "-s", "7", "-f", "awq"], ["chat", "-s", "2", "-f", "gptq", "-q", "Int4", "hi"]])
+def test_launch_and_chat_stop_before_any_download_without_the_backend(command):
+    from conftest import run_qvl
+
+    # a hub on a closed port: any attempt to download would end in "cannot reach" instead
+    done = run_qvl(*command, env={"HF_ENDPOINT": "http://127.0.0.1:9", "QVL_DOWNLOAD_HUB": "huggingface"})
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith("error:") and 'pip install "qvl[' in lines[0]
+    assert "cannot reach" not in done.stderr and "Traceback" not in done.stderr
