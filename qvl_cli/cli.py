@@ -233,6 +233,7 @@ def cached(json_output: JsonOutput = False) -> None:
         return
     if not entries:
         render.note(f"no cached models in {settings.hf_hub_cache()} or {settings.modelscope_cache()}")
+        return
     render.table(["spec", "hub", "repo", "revision", "state", "size", "path"], [_cached_row(e) for e in entries])
 
 

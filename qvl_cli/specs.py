@@ -296,8 +296,11 @@ def resolve(
         quant = quants[0]
         defaulted.append("quantization")
     else:
-        quant = _pick(quantization, quants, "quantization",
-                      "--quantization", f" for {fmt} {size_display(size)}B")
+        try:
+            quant = _pick(quantization, quants, "quantization",
+                          "--quantization", f" for {fmt} {size_display(size)}B")
+        except NoMatchingSpec as exc:
+            raise _where_else(exc, fam, quantization, size_in_billions) from None
     entry = next(s for s in specs if quant in s.quantizations)
 
     hub_name = _resolve_hub(hub, defaulted)
@@ -309,6 +312,28 @@ def resolve(
             "use --download-hub " + " or ".join(s.hub for s in entry.hubs))
     return ResolvedSpec(fam, engine, fmt, size, quant, hub_name, sources,
                         tuple(defaulted), entry.parameters)
+
+
+def _where_else(exc: NoMatchingSpec, fam: Family, quantization: str, size: Any) -> NoMatchingSpec:
+    """Add to a quantization that this format lacks the formats (and sizes) that have it."""
+    wanted = quantization.strip().lower()
+    found = [(s.model_format, s.size_in_billions) for s in fam.specs
+             if any(q.lower() == wanted for q in s.quantizations)
+             and (size is None or s.size_in_billions == _safe_size(size))]
+    if not found:
+        return exc
+    where = {}
+    for fmt, sz in found:
+        where.setdefault(fmt, []).append(size_display(sz) + "B")
+    places = "; ".join(f"-f {fmt} ({', '.join(szs)})" for fmt, szs in where.items())
+    return NoMatchingSpec(exc.message, f"{quantization} exists for {places}; {exc.hint}")
+
+
+def _safe_size(value: Any) -> str | None:
+    try:
+        return parse_size(value)
+    except ValueError:
+        return None
 
 
 def _resolve_size(value: str | float, sizes: list[str], fmt: str) -> str:

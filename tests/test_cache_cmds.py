@@ -253,3 +253,10 @@ def test_progress_counts_a_retried_file_once():
     assert bar.done == 220
     bar.forget("a")  # thrown away after a failed check
     assert bar.done == 100
+
+
+def test_cached_with_nothing_cached_says_so_without_an_empty_table():
+    from conftest import run_qvl
+
+    done = run_qvl("cached")
+    assert done.returncode == 0 and done.stdout == "" and "no cached models" in done.stderr

@@ -339,3 +339,12 @@ def test_second_start_imports_no_yaml(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                            timeout=60).stdout.strip() for _ in range(2)]
     assert [json.loads(r.lower()) for r in runs] == [True, False]
+
+
+def test_a_quantization_this_format_lacks_names_the_formats_that_have_it(catalogue):
+    with pytest.raises(NoMatchingSpec) as info:
+        specs.resolve(quantization="Int4", catalogue=catalogue)  # the format defaulted to pytorch
+    assert "Int4 exists for -f gptq (2B, 7B, 72B); -f awq (2B, 7B, 72B)" in info.value.hint
+    with pytest.raises(NoMatchingSpec) as info:
+        specs.resolve(size_in_billions="72", model_format="awq", quantization="int8", catalogue=catalogue)
+    assert "exists for -f gptq (72B)" in info.value.hint
