@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import devices, quant
-from .errors import EngineError, OutOfMemory, PromptTooLarge, PromptTooLong, translate
+from .errors import EngineError, OutOfMemory, PromptTooLarge, PromptTooLong, QvlError, translate
 from .generation import DEFAULT_MAX_TOKENS, Chunk, GenerationParams, TokenStream
 
 _END = object()
@@ -286,36 +286,67 @@ class Engine:
         kwargs = self.generate_kwargs(jobs[0].params, max(j.max_new for j in jobs))
         inputs = jobs[0].prepared.inputs if len(jobs) == 1 else self.collate([j.prepared for j in jobs])
         inputs = {k: v.to(self.plan.input_device) for k, v in inputs.items()}
+        streams = [TokenStream(self._decode, self.eos_ids, j.params.stop, j.max_new,
+                               j.prepared.prompt_tokens, j.start) for j in jobs]
+        # qvl's decode loop runs on this thread, step by step; transformers' generate needs
+        # a thread of its own to stream. Running torch on one thread also spares a CPU the
+        # cost of several OpenMP thread teams (docs/performance.md, engine overhead).
+        steps = self._inline_steps if hasattr(self.decoder, "iterate") else self._threaded_steps
+        try:
+            for step in steps(inputs, kwargs, jobs[0].params.seed, streams):
+                now = time.perf_counter()
+                for i, (job, stream) in enumerate(zip(jobs, streams)):
+                    chunks = stream.close("cancelled", now) if job.cancel.is_set() else stream.push(step[i:i + 1], now)
+                    for chunk in chunks:
+                        yield i, chunk
+                if all(s.done for s in streams):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - translated once, here
+            if isinstance(exc, (GeneratorExit, KeyboardInterrupt, QvlError)):
+                raise
+            if type(exc).__name__ == "OutOfMemoryError":
+                raise self._out_of_memory(jobs) from exc
+            raise translate(exc) or EngineError(
+                f"generation failed: {type(exc).__name__}: {_first_line(exc)}",
+                "rerun with QVL_DEBUG=1 for details") from exc
+        now = time.perf_counter()
+        for i, (job, stream) in enumerate(zip(jobs, streams)):
+            for chunk in stream.close("cancelled" if job.cancel.is_set() else "length", now):
+                yield i, chunk
+
+    def _inline_steps(self, inputs: dict[str, Any], kwargs: dict[str, Any], seed: int | None,
+                      streams: list[TokenStream]) -> Iterator[list[int]]:
+        """qvl's decode loop on the calling thread; closing this generator stops it."""
+        import torch
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        steps = self.decoder.iterate(**inputs, **kwargs)
+        try:
+            yield from steps
+        finally:
+            steps.close()
+
+    def _threaded_steps(self, inputs: dict[str, Any], kwargs: dict[str, Any], seed: int | None,
+                        streams: list[TokenStream]) -> Iterator[list[int]]:
+        """transformers' generate on a worker thread that always ends its stream; its errors
+        are raised here, and closing this generator stops and joins it."""
         tokens: queue.Queue = queue.Queue()
         streamer = _QueueStreamer(tokens)
         stop_all = threading.Event()
         worker = threading.Thread(target=self._generate_worker, name="qvl-generate", daemon=True,
                                   args=(inputs, dict(kwargs, streamer=streamer,
                                                      stopping_criteria=_cancel_criteria(stop_all)),
-                                        jobs[0].params.seed, streamer, tokens))
-        streams = [TokenStream(self._decode, self.eos_ids, j.params.stop, j.max_new,
-                               j.prepared.prompt_tokens, j.start) for j in jobs]
+                                        seed, streamer, tokens))
         worker.start()
         try:
-            while not all(s.done for s in streams):
+            while True:
                 item = tokens.get()
                 if item is _END:
-                    break
+                    return
                 if isinstance(item, BaseException):
-                    if type(item).__name__ == "OutOfMemoryError":
-                        raise self._out_of_memory(jobs) from item
-                    raise translate(item) or EngineError(
-                        f"generation failed: {type(item).__name__}: {_first_line(item)}",
-                        "rerun with QVL_DEBUG=1 for details") from item
-                now = time.perf_counter()
-                for i, (job, stream) in enumerate(zip(jobs, streams)):
-                    chunks = stream.close("cancelled", now) if job.cancel.is_set() else stream.push(item[i:i + 1], now)
-                    for chunk in chunks:
-                        yield i, chunk
-            now = time.perf_counter()
-            for i, (job, stream) in enumerate(zip(jobs, streams)):
-                for chunk in stream.close("cancelled" if job.cancel.is_set() else "length", now):
-                    yield i, chunk
+                    raise item
+                yield item
         finally:
             stop_all.set()
             worker.join()

@@ -19,7 +19,7 @@ on this machine); it is pure and tested without torch.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +72,8 @@ def flags(decode_loop: str = "auto", compile: str = "auto", static_cache: str = 
 def resolve(options: Any, on_gpu: bool, single_device: bool = True, attn: str = "sdpa") -> DecodeConfig:
     """Decide the decode path from EngineOptions-like ``options`` and the device plan.
 
-    ``auto`` means: qvl's loop on CUDA (the loop matters there; on a CPU it gains little),
+    ``auto`` means: qvl's loop (on CUDA it avoids per-token syncs; on a CPU it runs on the
+    calling thread, without the worker thread transformers' streaming needs),
     a static cache with CUDA graphs on one GPU, torch.compile when the engine is warmed up
     at load (``warmup``: a server pays the compile once, a one-shot chat would not earn it
     back), GPU image preprocessing on CUDA. Quantized checkpoints (their kernels refuse
@@ -83,8 +84,8 @@ def resolve(options: Any, on_gpu: bool, single_device: bool = True, attn: str = 
     static = _choice("--static-cache", getattr(options, "static_cache", "auto"), SWITCHES)
     gpu_pre = _choice("--gpu-preprocess", getattr(options, "gpu_preprocess", "auto"), SWITCHES)
     quantized = getattr(options, "model_format", "pytorch") in ("awq", "gptq")
-    if loop == "auto":
-        loop = "qvl" if on_gpu or compile_ in ("on", "graphs") or static == "on" else "generate"
+    if loop == "auto":  # qvl's loop everywhere: on a CPU it runs on the calling thread (no worker)
+        loop = "qvl"
     if loop == "generate":
         if compile_ in ("on", "graphs") or static == "on":
             raise UsageError("--compile and --static-cache need qvl's decode loop",
@@ -224,9 +225,14 @@ class FastDecoder:
 
     # --- generate -------------------------------------------------------------------------
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, streamer: Any = None,
-                 stopping_criteria: Any = None, **kwargs: Any) -> Any:
-        """Decode like ``model.generate``; returns the (B, prompt + new) token ids."""
+    def iterate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Iterator[list[int]]:
+        """Decode on the calling thread, yielding each step's new token per row (the pad token
+        for rows that already ended); stops when every row has ended or the budget is spent.
+
+        Closing the generator stops decoding and gives the cache back, so a consumer that
+        stops reading (a stop string, Ctrl-C, a client gone) costs nothing more. Each step
+        runs under inference mode; nothing of it leaks into the caller between steps.
+        """
         import torch
 
         sampler, model_inputs = self.sampler(input_ids, kwargs)
@@ -235,60 +241,82 @@ class FastDecoder:
         inputs = dict(model_inputs, input_ids=input_ids)
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask
-        position_ids = self.model._prepare_position_ids_for_generation(input_ids, dict(inputs))
         runner = self.runner(batch, prompt + max_new + 1)
         started = time.perf_counter()
         try:
-            if streamer is not None:
-                streamer.put(input_ids.cpu())
-            logits = runner.prefill(inputs, position_ids)
-            ids = torch.full((batch, prompt + max_new), sampler.pad_id, dtype=torch.long, device=input_ids.device)
-            ids[:, :prompt] = input_ids
-            out = self._loop(runner, sampler, ids, prompt, logits, streamer, stopping_criteria)
+            with torch.inference_mode():
+                position_ids = self.model._prepare_position_ids_for_generation(input_ids, dict(inputs))
+                logits = runner.prefill(inputs, position_ids)
+                ids = torch.full((batch, prompt + max_new), sampler.pad_id, dtype=torch.long,
+                                 device=input_ids.device)
+                ids[:, :prompt] = input_ids
+            yield from self._steps(runner, sampler, ids, prompt, logits)
         finally:
             runner.release()
-            if streamer is not None:
-                streamer.end()
-        self.last = {"runner": runner.kind, "cache_length": runner.length, "batch": batch,
-                     "seconds": time.perf_counter() - started}
-        return out
+            self.last = {"runner": runner.kind, "cache_length": runner.length, "batch": batch,
+                         "seconds": time.perf_counter() - started}
 
-    def _loop(self, runner: Any, sampler: Any, ids: Any, prompt: int, logits: Any, streamer: Any,
-              stopping_criteria: Any) -> Any:
+    def _steps(self, runner: Any, sampler: Any, ids: Any, prompt: int, logits: Any) -> Iterator[list[int]]:
         import torch
 
         readback = _Readback.make(torch, ids.shape[0], ids.device)
         ahead = readback.asynchronous  # on a GPU, queue step i+1 before waiting for token i
-        host_ids = ids[:, :prompt].cpu()
         unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-        finished_host = [False] * ids.shape[0]
+        ended = [False] * ids.shape[0]  # on the host: rows that produced an end-of-sequence token
         max_new = ids.shape[1] - prompt
-        done = 0
         for i in range(max_new):
-            tokens = sampler.select(ids[:, :prompt + i], logits)
-            if sampler.eos is not None:
-                tokens = torch.where(unfinished, tokens, sampler.pad)
-                unfinished &= ~torch.isin(tokens, sampler.eos)
-            ids[:, prompt + i] = tokens
-            sent = readback.send(tokens)
-            more = i + 1 < max_new
-            if ahead and more:
-                logits = runner.step(tokens)
-            new = readback.receive(sent)
-            done = i + 1
-            if streamer is not None:
-                streamer.put(torch.tensor(new, dtype=torch.long))
-            host_ids = torch.cat([host_ids, torch.tensor(new, dtype=torch.long)[:, None]], dim=1)
-            if self._should_stop(new, finished_host, sampler, stopping_criteria, host_ids):
-                break
+            with torch.inference_mode():
+                tokens = sampler.select(ids[:, :prompt + i], logits)
+                if sampler.eos is not None:
+                    tokens = torch.where(unfinished, tokens, sampler.pad)
+                    unfinished &= ~torch.isin(tokens, sampler.eos)
+                ids[:, prompt + i] = tokens
+                sent = readback.send(tokens)
+                more = i + 1 < max_new
+                if ahead and more:
+                    logits = runner.step(tokens)
+                new = readback.receive(sent)
+            yield new
+            ended = [done or token in sampler.eos_set for done, token in zip(ended, new)]
+            if all(ended):
+                return
             if more and not ahead:  # on a CPU nothing runs ahead: deliver first, then step
-                logits = runner.step(tokens)
-        return ids[:, :prompt + done]
+                with torch.inference_mode():
+                    logits = runner.step(tokens)
+
+    def generate(self, input_ids: Any, attention_mask: Any = None, streamer: Any = None,
+                 stopping_criteria: Any = None, **kwargs: Any) -> Any:
+        """Decode like ``model.generate`` (streamer and stopping criteria included); returns the
+        (B, prompt + new) token ids."""
+        import torch
+
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        host_ids = input_ids.cpu()
+        finished = [False] * input_ids.shape[0]
+        steps = self.iterate(input_ids, attention_mask, **kwargs)
+        try:
+            for new in steps:
+                if streamer is not None:
+                    streamer.put(torch.tensor(new, dtype=torch.long))
+                host_ids = torch.cat([host_ids, torch.tensor(new, dtype=torch.long)[:, None]], dim=1)
+                if self._should_stop(new, finished, self._eos_ids(kwargs), stopping_criteria, host_ids):
+                    break
+        finally:
+            steps.close()
+            if streamer is not None:
+                streamer.end()
+        return host_ids.to(input_ids.device)
+
+    def _eos_ids(self, kwargs: dict[str, Any]) -> frozenset[int]:
+        eos = kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
+        return frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
     @staticmethod
-    def _should_stop(new: list[int], finished: list[bool], sampler: Any, criteria: Any, host_ids: Any) -> bool:
+    def _should_stop(new: list[int], finished: list[bool], eos_ids: frozenset[int], criteria: Any,
+                     host_ids: Any) -> bool:
         for row, token in enumerate(new):
-            if token in sampler.eos_set:
+            if token in eos_ids:
                 finished[row] = True
         if criteria is not None and len(criteria):
             hit = criteria(host_ids, None)

@@ -24,6 +24,32 @@ def engine(tiny_model):
     return Engine.load(tiny_model, EngineOptions(device="cpu"))
 
 
+@pytest.fixture(scope="module", params=["qvl", "generate"])
+def any_loop(request, tiny_model, engine):
+    """The engine with qvl's decode loop (the default: on the calling thread) and with
+    transformers' generate (on a worker thread)."""
+    if request.param == "qvl":
+        return engine
+    return Engine.load(tiny_model, EngineOptions(device="cpu", decode_loop="generate"))
+
+
+def fail_forward_after(engine, monkeypatch, calls, exc):
+    """Make the model's forward raise ``exc`` from its ``calls``-th call on (mid-answer)."""
+    import functools
+
+    real = engine.model.forward
+    count = {"n": 0}
+
+    @functools.wraps(real)  # generate checks its keyword arguments against forward's signature
+    def forward(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] >= calls:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", forward)
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine-media")
@@ -149,7 +175,8 @@ def generate_threads():
     return [t for t in threading.enumerate() if t.name == "qvl-generate"]
 
 
-def test_closing_the_stream_stops_generation(engine):
+def test_closing_the_stream_stops_generation(any_loop):
+    engine = any_loop
     stream = engine.stream(story(), GenerationParams(temperature=0, max_tokens=2000, ignore_eos=True))
     next(c for c in stream if c.text)
     start = time.perf_counter()
@@ -166,15 +193,43 @@ def test_closing_the_stream_stops_generation(engine):
     assert generate_threads() == []
 
 
-def test_errors_in_generate_reach_the_caller(engine, monkeypatch):
-    def boom(**kwargs):
-        kwargs["streamer"].put(kwargs["input_ids"])
-        raise RuntimeError("kernel exploded")
-
-    monkeypatch.setattr(engine.model, "generate", boom)
+def test_errors_while_generating_reach_the_caller(any_loop, monkeypatch):
+    fail_forward_after(any_loop, monkeypatch, 3, RuntimeError("kernel exploded"))
+    chunks = []
     with pytest.raises(EngineError, match="generation failed: RuntimeError: kernel exploded"):
-        collect(engine.stream(story(), GREEDY))
+        for chunk in any_loop.stream(story(), GREEDY):
+            chunks.append(chunk)
+    assert chunks and chunks[-1].finish_reason is None  # text came first, then the error
     assert generate_threads() == []
+
+
+def test_out_of_memory_is_one_line_with_figures_and_the_engine_still_serves(any_loop, monkeypatch):
+    import torch
+
+    fail_forward_after(any_loop, monkeypatch, 2, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB"))
+    with pytest.raises(OutOfMemory) as info:
+        collect(any_loop.stream(story(), GREEDY))
+    assert "out of memory on cpu while generating for 1 request(s) of" in info.value.message
+    assert "prompt tokens" in info.value.message and "-f awq" in info.value.hint
+    monkeypatch.undo()
+    assert collect(any_loop.stream(story(), GREEDY)).usage.completion_tokens == 24
+    assert generate_threads() == []
+
+
+def test_the_default_loop_generates_on_the_calling_thread(engine, monkeypatch):
+    import functools
+
+    seen = set()
+    real = engine.model.forward
+
+    @functools.wraps(real)
+    def forward(*args, **kwargs):
+        seen.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", forward)
+    collect(engine.stream(story(), GREEDY))
+    assert seen == {threading.current_thread().name}
 
 
 def test_prompt_longer_than_the_context(tiny_model, media):
@@ -199,25 +254,6 @@ def test_batch_answers_equal_single_answers(engine, media):
         assert (batched.finish_reason, batched.usage) == (one.finish_reason, one.usage)
     with pytest.raises(ValueError, match="share their sampling"):
         list(engine.run_jobs([engine.job(story(), GREEDY), engine.job(story(), GREEDY.merged(seed=3))]))
-
-
-def test_out_of_memory_is_one_line_with_figures_and_the_engine_still_serves(engine, monkeypatch):
-    import torch
-
-    real = engine.model.generate
-
-    def oom(**kwargs):
-        kwargs["streamer"].put(kwargs["input_ids"])
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    monkeypatch.setattr(engine.model, "generate", oom)
-    with pytest.raises(OutOfMemory) as info:
-        collect(engine.stream(story(), GREEDY))
-    assert "out of memory on cpu while generating for 1 request(s) of" in info.value.message
-    assert "prompt tokens" in info.value.message and "-f awq" in info.value.hint
-    monkeypatch.setattr(engine.model, "generate", real)
-    assert collect(engine.stream(story(), GREEDY)).usage.completion_tokens == 24
-    assert generate_threads() == []
 
 
 def test_the_loaded_model_knows_its_figures_for_memory_checks(engine):

@@ -27,7 +27,7 @@ def _opts(**kw):
 
 
 @pytest.mark.parametrize("kw,on_gpu,single,expected", [
-    ({}, False, True, ("generate", "eager", False)),
+    ({}, False, True, ("qvl", "eager", False)),
     ({}, True, True, ("qvl", "cuda-graph", True)),
     ({"warmup": True}, True, True, ("qvl", "compile", True)),
     ({"model_format": "awq"}, True, True, ("qvl", "eager", True)),
@@ -310,7 +310,7 @@ def _engine(tiny_model, **kw):
 def test_engine_streams_the_same_answers_through_either_loop(tiny_model, noisy_image):
     from qvl_cli.generation import GenerationParams, collect
 
-    plain = _engine(tiny_model)
+    plain = _engine(tiny_model, decode_loop="generate")
     fast = _engine(tiny_model, decode_loop="qvl", static_cache="on")
     assert plain.describe()["decode"] == "transformers generate"
     assert fast.describe()["decode"] == "qvl loop, static step"
