@@ -26,7 +26,8 @@ ROLES = ("system", "user", "assistant")
 IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_OPTIONS = (*IMAGE_OPTIONS, "fps", "nframes", "max_frames", "min_frames",
                  "video_start", "video_end", "total_pixels")
-_NUMERIC_OPTIONS = set(VIDEO_OPTIONS)
+_MEDIA_KINDS = {"image": ("image", IMAGE_OPTIONS), "image_url": ("image", IMAGE_OPTIONS),
+                "video": ("video", VIDEO_OPTIONS), "video_url": ("video", VIDEO_OPTIONS)}
 
 Message = dict[str, Any]
 
@@ -73,18 +74,13 @@ def part_from_openai(part: Any, where: str) -> dict[str, Any]:
         if not isinstance(text, str):
             raise BadMessage(f"{where}: a text part needs a string 'text'", "check the request body")
         return {"type": "text", "text": text}
-    if kind in ("image_url", "image"):
-        source = part.get(kind, part.get("image_url" if kind == "image" else "image"))
-        out = {"type": "image", "image": _url_of(source, kind, where)}
+    if kind in _MEDIA_KINDS:
+        media, options = _MEDIA_KINDS[kind]
+        other = f"{media}_url" if kind == media else media  # "image" and "image_url" name the same thing
+        source = part.get(kind, part.get(other))
         nested = source if isinstance(source, Mapping) else {}
-        out.update(_options({**nested, **part}, IMAGE_OPTIONS, where))
-        return out
-    if kind in ("video_url", "video"):
-        source = part.get(kind, part.get("video_url" if kind == "video" else "video"))
-        out = {"type": "video", "video": _url_of(source, kind, where)}
-        nested = source if isinstance(source, Mapping) else {}
-        out.update(_options({**nested, **part}, VIDEO_OPTIONS, where))
-        return out
+        return {"type": media, media: _url_of(source, kind, where),
+                **_options({**nested, **part}, options, where)}
     raise BadMessage(f"{where}: unsupported content part type {kind!r}",
                      "use text, image_url or video_url parts")
 

@@ -133,12 +133,14 @@ def test_real_process_exit_codes_and_streams():
     assert "Int4" in bad.stderr and "Int8" in bad.stderr and "Traceback" not in bad.stderr
 
 
-HEAVY = ["torch", "torchvision", "transformers", "modelscope", "modelscope_hub", "PIL",
-         "huggingface_hub", "av", "decord", "qwen_vl_utils", "fastapi", "uvicorn", "numpy"]
+HEAVY = ["torch", "torchvision", "transformers", "modelscope", "modelscope_hub", "PIL", "huggingface_hub",
+         "av", "decord", "qwen_vl_utils", "fastapi", "starlette", "uvicorn", "openai", "httpx", "numpy"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["list-specs"], ["list-specs", "--json"],
-                                  ["resolve", "-s", "7", "-f", "awq"], ["resolve", "--json"]])
+                                  ["resolve", "-s", "7", "-f", "awq"], ["resolve", "--json"],
+                                  ["list", "--json"], ["terminate", "--all"], ["launch", "--help"],
+                                  ["cached", "--json"]])
 def test_start_up_imports_nothing_heavy(argv):
     code = textwrap.dedent(f"""
         import json, sys
