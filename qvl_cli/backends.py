@@ -39,10 +39,10 @@ class LocalRequest:
 
 def check_spec(spec_flags: dict[str, Any], *, gpu_idx: str | None = None, device: str = "auto",
                model_path: Any = None, force: bool = False, workload: Any = None,
-               need_backend: bool = True, quiet: bool = False) -> Any:
+               need_backend: bool = True, quiet: bool = False, announce: bool = False) -> Any:
     """Everything checked before a download: resolve the spec flags (``-s auto`` included),
     make sure the AWQ / GPTQ backend is installed (``need_backend``), refuse what will not
-    fit the GPUs unless ``force``. Returns the fit.FitResult, or None for a --model-path
+    fit the GPUs unless ``force``; ``announce`` prints the estimate next to the free memory. Returns the fit.FitResult, or None for a --model-path
     given without spec flags (nothing to resolve)."""
     from . import fit, quant
 
@@ -52,6 +52,9 @@ def check_spec(spec_flags: dict[str, Any], *, gpu_idx: str | None = None, device
     result = fit.resolve_and_check(**spec_flags, gpu_idx=gpu_idx, **kwargs)
     if result.choice and result.choice.reason and not quiet:
         render.status(result.choice.reason)
+    if announce and not quiet and result.estimate is not None:  # the estimate next to the free memory
+        render.status(f"{result.spec.label()}: needs {result.estimate.describe()}; "
+                      f"GPUs: {result.report.describe()}; fits: {result.verdict}")
     if model_path is None:
         if need_backend:
             quant.require_backend(result.spec.model_format, device)

@@ -177,7 +177,7 @@ def download(
     flags = dict(model_name=model_name, model_engine=model_engine, size_in_billions=size_in_billions,
                  model_format=model_format, quantization=quantization, hub=download_hub)
     spec = check_spec(flags, gpu_idx=gpu_idx, force=force, workload=memory.workload(context_length, None),
-                      need_backend=False, quiet=quiet).spec
+                      need_backend=False, quiet=quiet, announce=True).spec
     model = hub.ensure_local(spec, revision=revision, offline=True if offline else None, quiet=quiet)
     if json_output:
         render.print_json(model.to_dict())

@@ -79,7 +79,7 @@ def choose_model(spec_flags: dict[str, Any], model_path: str | Path | None, work
     from .backends import check_spec
 
     result = check_spec(spec_flags, gpu_idx=gpu_idx, device=device, model_path=model_path, force=force,
-                        workload=workload, quiet=quiet)
+                        workload=workload, quiet=quiet, announce=True)
     spec = result.spec if result is not None else None
     if model_path is not None:
         local = hub.local_model_from_path(model_path, spec)

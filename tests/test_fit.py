@@ -246,3 +246,14 @@ def test_resolve_and_list_specs_import_nothing_heavy(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
+
+
+@pytest.mark.parametrize("command", [["launch", "-s", "7"], ["download", "-s", "7"]])
+def test_launch_and_download_print_the_estimate_next_to_the_free_memory(command):
+    from conftest import run_qvl
+
+    done = run_qvl(*command, env={gpus.FAKE_ENV: "24GiB", "HF_ENDPOINT": "http://127.0.0.1:9",
+                                  "QVL_DOWNLOAD_HUB": "huggingface"})
+    assert done.returncode == 1  # the hub is a closed port: the download fails after the check
+    line = next(l for l in done.stderr.splitlines() if "needs ~" in l)
+    assert "7B pytorch: needs ~18.4 GiB" in line and "24.0 of 24.0 GiB free" in line and "fits: yes" in line
