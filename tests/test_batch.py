@@ -253,6 +253,7 @@ def test_endpoint_answers_equal_local_answers(tiny_model, media, tmp_path, serve
     local_out, remote_out = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
     args = ("--temperature", "0", "--max-tokens", "12")
     local = batch(tiny_model, inp, local_out, *args)
+    assert local.returncode == 1, local.stderr  # the two unreadable images fail their lines
     remote = run_qvl("batch", str(inp), "-o", str(remote_out), "--endpoint", served, "--api-key", KEY,
                      "--batch-size", "3", *args)
     assert remote.returncode == 1, remote.stderr
