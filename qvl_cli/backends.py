@@ -52,12 +52,12 @@ def check_spec(spec_flags: dict[str, Any], *, gpu_idx: str | None = None, device
     result = fit.resolve_and_check(**spec_flags, gpu_idx=gpu_idx, **kwargs)
     if result.choice and result.choice.reason and not quiet:
         render.status(result.choice.reason)
-    if announce and not quiet and result.estimate is not None:  # the estimate next to the free memory
-        render.status(f"{result.spec.label()}: needs {result.estimate.describe()}; "
+    if model_path is None and need_backend:
+        quant.require_backend(result.spec.model_format, device)
+    if announce and not quiet and result.estimate is not None and result.fits is not None:
+        render.status(f"{result.spec.label()}: needs {result.estimate.describe()}; "  # next to the free memory
                       f"GPUs: {result.report.describe()}; fits: {result.verdict}")
     if model_path is None:
-        if need_backend:
-            quant.require_backend(result.spec.model_format, device)
         result.require(force)
     return result
 
