@@ -101,8 +101,6 @@ def ensure_local(spec: ResolvedSpec, hub: str | None = None, revision: str | Non
         return _fetch_all(client, listing, spec, say)
 
 
-download = ensure_local
-
 
 def local_model_from_path(path: str | Path, spec: ResolvedSpec | None = None) -> LocalModel:
     """``--model-path DIR``: use this folder as it is, download nothing; check it can load."""
