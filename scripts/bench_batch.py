@@ -10,7 +10,7 @@ Method: the model is loaded once. Each round runs every variant on the same requ
 (64 image prompts by default: 4 image sizes, so prompt lengths differ; greedy decoding,
 exactly --max-tokens new tokens each, ignore_eos); the rounds alternate the variants,
 and the median wall time over the rounds is reported. Batched variants use
-qvl_cli.batch_local (what `qvl batch` runs: left-padded batches, the next batch prepared
+qwenvl_cli.batch.local (what `qvl batch` runs: left-padded batches, the next batch prepared
 on background threads); "no prefetch" prepares each batch before decoding it. Every
 variant's answers are checked against the sequential ones (padding must not change
 them).
@@ -39,9 +39,9 @@ SIZES = [(64, 48), (128, 96), (224, 224), (320, 240)]
 def requests(folder: Path, count: int, max_tokens: int):
     from media_fixtures import make_image
 
-    from qvl_cli import messages as msgs
-    from qvl_cli.batch_io import Request, length_proxy
-    from qvl_cli.generation import GenerationParams
+    from qwenvl_cli import messages as msgs
+    from qwenvl_cli.batch.files import Request, length_proxy
+    from qwenvl_cli.generation import GenerationParams
 
     params = GenerationParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     out = []
@@ -56,13 +56,14 @@ def requests(folder: Path, count: int, max_tokens: int):
 
 
 def sequential(engine, reqs):
-    from qvl_cli.generation import collect
+    from qwenvl_cli.generation import collect
 
     return {r.id: collect(engine.stream(r.messages, r.params)).text for r in reqs}
 
 
 def batched(engine, reqs, size, prefetch=True):
-    from qvl_cli import batch_local, batch_plan
+    from qwenvl_cli.batch import local as batch_local
+    from qwenvl_cli.batch import plan as batch_plan
 
     texts = {}
     emit = lambda rec: texts.__setitem__(rec["id"], rec["text"])  # noqa: E731
@@ -87,7 +88,9 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from qvl_cli.engine import Engine, EngineOptions
+    from qwenvl_cli.engine.engine import Engine
+
+    from qwenvl_cli.engine.options import EngineOptions
 
     tmp = Path(tempfile.mkdtemp(prefix="qvl-bench-batch-"))
     if args.model_path:

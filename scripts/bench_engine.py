@@ -16,7 +16,7 @@ ratio of medians is qvl's overhead. The tiny model makes each token nearly free,
 ratio is the worst case: with a real model the fixed per-token cost weighs less.
 
 ``video``: a long clip is generated once with PyAV (cached), then sampling N frames is
-timed with qvl's reader (qvl_cli.video: PyAV, seeking to the sampled frames) against
+timed with qvl's reader (qwenvl_cli.media.video: PyAV, seeking to the sampled frames) against
 qwen-vl-utils' readers (decord; torchvision and torchcodec when usable) on the same
 clip, the same frame indices and the same output (uint8 T,C,H,W tensor); median of
 several runs, alternating the readers.
@@ -68,12 +68,12 @@ def _readers(path: Path, nframes: int) -> dict:
 
     from qwen_vl_utils import vision_process as vp
 
-    from qvl_cli import video
+    from qwenvl_cli.engine import vision
 
     ele = {"video": str(path), "nframes": nframes}
 
     def qvl():
-        frames, indices, *_ = video.sample(path, {"nframes": nframes})
+        frames, indices, *_ = vision.sample_video(path, {"nframes": nframes})
         return frames, list(indices)
 
     def reference(backend):
@@ -112,7 +112,7 @@ def bench_video(args: argparse.Namespace) -> None:
     import av
     import torch
 
-    from qvl_cli import video
+    from qwenvl_cli.media import video
 
     path = _clip(args)
     with video.VideoFile(path) as clip:
@@ -164,8 +164,9 @@ def bench_engine(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO / "scripts"))
     from make_tiny_model import make_tiny_model
     from media_fixtures import make_image
-    from qvl_cli.engine import Engine, EngineOptions
-    from qvl_cli.generation import GenerationParams, collect
+    from qwenvl_cli.engine.engine import Engine
+    from qwenvl_cli.engine.options import EngineOptions
+    from qwenvl_cli.generation import GenerationParams, collect
 
     root = Path(tempfile.mkdtemp(prefix="qvl-bench-engine-"))
     model_dir = make_tiny_model(root / "tiny")

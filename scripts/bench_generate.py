@@ -104,7 +104,7 @@ def reference_run(torch, model, processor, messages, args, device) -> dict:
 
 
 def qvl_run(torch, engine, messages, args) -> dict:
-    from qvl_cli.generation import GenerationParams, collect
+    from qwenvl_cli.generation import GenerationParams, collect
 
     params = GenerationParams(max_tokens=args.new_tokens, ignore_eos=True)
     _reset_peak(torch)
@@ -140,8 +140,10 @@ def median_runs(fn, runs: int) -> dict:
 
 
 def make_engine(torch, model, processor, folder, mode, on_gpu, args):
-    from qvl_cli import devices, fastpath
-    from qvl_cli.engine import Engine, EngineOptions
+    from qwenvl_cli.engine import devices
+    from qwenvl_cli.engine import fastpath
+    from qwenvl_cli.engine.engine import Engine
+    from qwenvl_cli.engine.options import EngineOptions
 
     flags = {"generate": dict(decode_loop="generate"), "eager": dict(decode_loop="qvl", compile="off"),
              "static": dict(decode_loop="qvl", compile="off", static_cache="on"),
@@ -180,7 +182,7 @@ def _batch_buckets(n: int) -> list[int]:
 def concurrency_run(torch, engine, messages, clients: int, args) -> dict:
     """``clients`` threads, each sending ``args.requests`` requests in turn, through
     Engine.run_continuous; returns requests/s, tokens/s and the mean time to first token."""
-    from qvl_cli.generation import GenerationParams
+    from qwenvl_cli.generation import GenerationParams
 
     params = GenerationParams(max_tokens=args.new_tokens, ignore_eos=True)
     waiting: queue.Queue = queue.Queue()

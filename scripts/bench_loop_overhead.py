@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from transformers import AutoProcessor
 
     import bench_setup
-    from qvl_cli import fastpath
+    from qwenvl_cli.engine import fastpath
 
     torch.set_num_threads(1)
     folder = bench_setup.write_checkpoint_files(None, Path(tempfile.mkdtemp(prefix="qvl-loop-")) / "model")

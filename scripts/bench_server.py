@@ -24,7 +24,7 @@ import time
 
 
 def qvl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qvl_cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "qwenvl_cli", *args], capture_output=True, text=True)
 
 
 def run_load(endpoint: str, uid: str, clients: int, requests: int, max_tokens: int) -> dict:

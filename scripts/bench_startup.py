@@ -25,11 +25,11 @@ TARGET_MS = 150.0
 
 
 def qvl_command() -> list[str]:
-    """The installed console script when it sits next to this Python, else `python -m qvl_cli`."""
+    """The installed console script when it sits next to this Python, else `python -m qwenvl_cli`."""
     script = Path(sys.executable).with_name("qvl")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "qvl_cli"]
+    return [sys.executable, "-m", "qwenvl_cli"]
 
 
 def time_runs(cmd: list[str], runs: int, env: dict[str, str]) -> list[float]:

@@ -18,7 +18,7 @@ export HF_HUB_DISABLE_TELEMETRY=1
 unset HF_HUB_OFFLINE HF_TOKEN QVL_API_KEY || true
 HUB_PID=""
 
-qvl() { "$PY" -m qvl_cli "$@"; }
+qvl() { "$PY" -m qwenvl_cli "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '\033[2m$ qvl %s\033[0m\n' "$*"; qvl "$@"; }
 
@@ -48,8 +48,8 @@ from pathlib import Path
 root, work = Path(sys.argv[1]), Path(sys.argv[2])
 sys.path.insert(0, str(root / "tests"))
 from hubserver import HubServer
-from qvl_cli import specs
-spec = specs.resolve(size_in_billions="2", hub="huggingface")
+from qwenvl_cli.catalogue.resolve import resolve
+spec = resolve(size_in_billions="2", hub="huggingface")
 hub = HubServer().start()
 hub.add_repo(work / "tiny", hf_id=spec.model_id, ms_id="qwen/Qwen2-VL-2B-Instruct", hf_commit=spec.revision)
 (work / "hub.url.tmp").write_text(hub.url)

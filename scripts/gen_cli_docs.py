@@ -23,7 +23,7 @@ TARGET = REPO / "docs" / "cli.md"
 def _help(args: list[str]) -> str:
     env = dict(os.environ, COLUMNS="100", NO_COLOR="1", TERM="dumb", PYTHONPATH=str(REPO))
     env.pop("FORCE_COLOR", None)
-    out = subprocess.run([sys.executable, "-m", "qvl_cli", *args, "--help"], env=env,
+    out = subprocess.run([sys.executable, "-m", "qwenvl_cli", *args, "--help"], env=env,
                          capture_output=True, text=True, check=True).stdout
     return "\n".join(line.rstrip() for line in out.strip("\n").splitlines())
 
@@ -32,7 +32,7 @@ def command_names() -> list[str]:
     sys.path.insert(0, str(REPO))
     import typer.main
 
-    from qvl_cli.cli import app
+    from qwenvl_cli.cli.app import app
 
     return list(typer.main.get_command(app).commands)  # in the order they are declared
 

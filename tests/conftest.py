@@ -38,10 +38,10 @@ def _point_home_at(monkeypatch, root: Path) -> Path:
 
 def qvl_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a qvl subprocess: the current one, with qvl importable."""
-    import qvl_cli
+    import qwenvl_cli
 
     env = dict(os.environ)
-    pkg_parent = str(Path(qvl_cli.__file__).resolve().parents[1])
+    pkg_parent = str(Path(qwenvl_cli.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})
@@ -50,8 +50,8 @@ def qvl_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run_qvl(*args: str, env: dict[str, str] | None = None, input: str | None = None,
             timeout: float = 120, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m qvl_cli ARGS` as a real process; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "qvl_cli", *args], env=qvl_env(env),
+    """Run `python -m qwenvl_cli ARGS` as a real process; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "qwenvl_cli", *args], env=qvl_env(env),
                           input=input, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 

@@ -68,7 +68,7 @@ def big_server(monkeypatch, big_repo):
 
 def spawn_qvl(*args: str, stderr_path: Path) -> subprocess.Popen:
     """Start `qvl ARGS` in the background, stderr into a file (read it while it runs)."""
-    return subprocess.Popen([sys.executable, "-m", "qvl_cli", *args], env=qvl_env(),
+    return subprocess.Popen([sys.executable, "-m", "qwenvl_cli", *args], env=qvl_env(),
                             stdout=subprocess.PIPE, stderr=stderr_path.open("w"), text=True)
 
 

@@ -40,7 +40,7 @@ def server_pids(qvl_home: str | Path) -> list[int]:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except (OSError, IndexError):
             continue
-        if b"qvl_cli" in cmdline and state not in ("Z", "X") and marker in environ:
+        if b"qwenvl_cli" in cmdline and state not in ("Z", "X") and marker in environ:
             pids.append(int(proc.name))
     return pids
 
@@ -51,7 +51,7 @@ class Foreground:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         self.stderr = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "qvl_cli", "launch", "--foreground", "--json", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "qwenvl_cli", "launch", "--foreground", "--json", *args],
                                      stdout=subprocess.PIPE, stderr=self.stderr, env=env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -55,12 +55,12 @@ def batch(tiny_model, inp, out, *extra, **kw):
 def chat_answer(tiny_model, capsys, prompt, images=(), videos=(), system=None, max_tokens=24,
                 repetition_penalty=None):
     """The same request alone through `qvl chat`'s code path (chat_run.run, --json)."""
-    from qvl_cli import chat_run
-    from qvl_cli.engine import EngineOptions
-    from qvl_cli.generation import GenerationParams
+    from qwenvl_cli.chat import run as chat_run
+    from qwenvl_cli.engine.options import EngineOptions
+    from qwenvl_cli.generation import GenerationParams
 
     capsys.readouterr()
-    code = chat_run.run(chat_run.ChatRequest(
+    code = chat_run.run(chat_run.ChatCommand(
         prompt=prompt, model_path=str(tiny_model), images=tuple(images), videos=tuple(videos), system=system,
         params=GenerationParams(max_tokens=max_tokens, temperature=0, repetition_penalty=repetition_penalty),
         engine_options=EngineOptions(device="cpu"), json_output=True, quiet=True))
@@ -162,7 +162,7 @@ def test_duplicate_ids_stop_before_anything_runs(tiny_model, tmp_path):
 
 
 def _start(tiny_model, inp, out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "qvl_cli", "batch", str(inp), "-o", str(out),
+    return subprocess.Popen([sys.executable, "-m", "qwenvl_cli", "batch", str(inp), "-o", str(out),
                              "--model-path", str(tiny_model), *extra],
                             env=qvl_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

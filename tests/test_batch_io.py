@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from qvl_cli import batch_io, batch_plan, memory, specs
-from qvl_cli.batch_io import BadLine, Request
-from qvl_cli.batch_progress import Tally, clock, plain_line
-from qvl_cli.errors import UsageError
-from qvl_cli.generation import GenerationParams
+from qwenvl_cli.batch import files as batch_io
+from qwenvl_cli.batch import plan as batch_plan
+from qwenvl_cli.fit import memory
+from qwenvl_cli.catalogue.load import load_catalogue
+from qwenvl_cli.catalogue.resolve import resolve
+from qwenvl_cli.batch.files import BadLine, Request
+from qwenvl_cli.batch.progress import Tally, clock, plain_line
+from qwenvl_cli.errors import UsageError
+from qwenvl_cli.generation import GenerationParams
 
 DEFAULTS = GenerationParams(max_tokens=32)
 IMAGE = {"type": "image_url", "image_url": {"url": "cat.png"}}
@@ -199,7 +203,7 @@ def test_auto_batch_size_on_cpu_is_modest_and_says_so():
 
 
 def _dims_7b():
-    return specs.resolve(size_in_billions="7", catalogue=specs.load_catalogue()).dims
+    return resolve(size_in_billions="7", catalogue=load_catalogue()).dims
 
 
 def test_auto_batch_size_on_gpu_follows_the_memory_estimate():
@@ -230,7 +234,7 @@ def test_request_bytes_uses_the_memory_module():
 
 
 def test_dims_from_config_reads_flat_and_nested_layouts(tmp_path, tiny_model):
-    from qvl_cli.dims import from_config
+    from qwenvl_cli.catalogue.dims import from_config
 
     dims = from_config(json.loads((tiny_model / "config.json").read_text()))
     assert (dims.hidden_size, dims.num_hidden_layers, dims.num_key_value_heads, dims.head_dim) == (64, 2, 2, 16)
@@ -257,7 +261,7 @@ def test_tally_summary_and_plain_progress_line():
 
 
 def test_progress_prints_plain_lines_off_a_terminal(monkeypatch, capsys):
-    from qvl_cli.batch_progress import Progress
+    from qwenvl_cli.batch.progress import BatchProgress as Progress
 
     monkeypatch.setenv("TTY_COMPATIBLE", "0")
     tally = Tally(total=3, started=0.0)
@@ -272,7 +276,7 @@ def test_progress_prints_plain_lines_off_a_terminal(monkeypatch, capsys):
 
 
 def test_progress_shows_a_bar_on_a_terminal(monkeypatch):
-    from qvl_cli.batch_progress import Progress
+    from qwenvl_cli.batch.progress import BatchProgress as Progress
 
     monkeypatch.setenv("TTY_COMPATIBLE", "1")
     tally = Tally(total=4)
@@ -302,8 +306,8 @@ class _FakeRemote:
         import httpx
         import openai
 
-        from qvl_cli import remote
-        from qvl_cli.generation import Chunk, Usage
+        from qwenvl_cli.backend import remote
+        from qwenvl_cli.generation import Chunk, Usage
 
         self.calls += 1
         target = remote.Target("http://127.0.0.1:1/v1", "fake-model")
@@ -321,14 +325,15 @@ class _FakeRemote:
 
 
 def _remote_requests(*prompts):
-    from qvl_cli import messages as msgs
+    from qwenvl_cli import messages as msgs
 
     return [Request(p, i + 1, msgs.from_openai([{"role": "user", "content": p}]), DEFAULTS)
             for i, p in enumerate(prompts)]
 
 
 def test_remote_records_answers_and_refusals(monkeypatch):
-    from qvl_cli import batch_remote, remote
+    from qwenvl_cli.batch import remote as batch_remote
+    from qwenvl_cli.backend import remote
 
     monkeypatch.setattr(remote, "Remote", _FakeRemote)
     out = []
@@ -340,8 +345,9 @@ def test_remote_records_answers_and_refusals(monkeypatch):
 
 
 def test_remote_connection_lost_stops_the_run_after_one_retry(monkeypatch):
-    from qvl_cli import batch_remote, remote
-    from qvl_cli.errors import ServerError
+    from qwenvl_cli.batch import remote as batch_remote
+    from qwenvl_cli.backend import remote
+    from qwenvl_cli.errors import ServerError
 
     fake = _FakeRemote(down_after=2)
     monkeypatch.setattr(remote, "Remote", lambda target: fake)
@@ -354,18 +360,20 @@ def test_remote_connection_lost_stops_the_run_after_one_retry(monkeypatch):
 
 
 def test_auto_size_reads_the_free_memory_of_the_model_gpus(monkeypatch, tiny_model):
-    from types import SimpleNamespace
+    from types import MethodType, SimpleNamespace
 
     import torch
 
-    from qvl_cli import batch
+    from qwenvl_cli.batch import run as batch
+    from qwenvl_cli.engine.engine import Engine
 
     free = {0: 3 << 30, 1: 5 << 30}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[i], 80 << 30))
-    from qvl_cli.dims import from_config
+    from qwenvl_cli.catalogue.dims import from_config
 
     dims = from_config(json.loads((tiny_model / "config.json").read_text()))
     engine = SimpleNamespace(plan=SimpleNamespace(gpus=(0, 1)), path=tiny_model, dims=dims)
+    engine.free_gpu_bytes = MethodType(Engine.free_gpu_bytes, engine)  # the real reading of torch.cuda
     reqs = [Request("a", 1, [], GenerationParams(max_tokens=100), (0, 2, 400)),
             Request("b", 2, [], GenerationParams(max_tokens=300), (0, 1, 40))]
     sizing = batch._sizing(engine, reqs, None, max_pixels=200704)
@@ -391,9 +399,13 @@ class _FakeEngine:
         self.fits = fits
         self.batches: list[list[str]] = []
         self.plan = SimpleNamespace(gpus=())
+        self.released = 0
+
+    def release_memory(self):
+        self.released += 1
 
     def job(self, messages, params):
-        from qvl_cli.errors import MediaError
+        from qwenvl_cli.errors import MediaError
 
         prompt = messages[0]["content"][0]["text"]
         if prompt.startswith("bad"):
@@ -403,8 +415,8 @@ class _FakeEngine:
         return prompt
 
     def run_jobs(self, jobs):
-        from qvl_cli.errors import OutOfMemory
-        from qvl_cli.generation import Chunk, Usage
+        from qwenvl_cli.errors import OutOfMemory
+        from qwenvl_cli.generation import Chunk, Usage
 
         self.batches.append(list(jobs))
         for i, prompt in enumerate(jobs):
@@ -415,7 +427,7 @@ class _FakeEngine:
 
 
 def test_local_runner_records_preparation_failures_and_answers_the_rest():
-    from qvl_cli import batch_local
+    from qwenvl_cli.batch import local as batch_local
 
     engine, out = _FakeEngine(), []
     reqs = _remote_requests("a", "bad1", "b", "boom", "c")
@@ -428,7 +440,7 @@ def test_local_runner_records_preparation_failures_and_answers_the_rest():
 
 
 def test_a_batch_that_runs_out_of_memory_is_split_until_it_fits():
-    from qvl_cli import batch_local
+    from qwenvl_cli.batch import local as batch_local
 
     engine, out = _FakeEngine(fits=2), []
     reqs = _remote_requests(*"abcdefg")
@@ -440,7 +452,7 @@ def test_a_batch_that_runs_out_of_memory_is_split_until_it_fits():
 
 
 def test_a_single_request_that_fails_to_generate_gets_its_error():
-    from qvl_cli import batch_local
+    from qwenvl_cli.batch import local as batch_local
 
     engine, out = _FakeEngine(fits=0), []
     batch_local.decode(engine, [(r, engine.job(r.messages, r.params)) for r in _remote_requests("x", "y")],

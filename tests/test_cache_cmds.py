@@ -8,11 +8,13 @@ import sys
 
 from hubfixtures import HF_ID, MS_ID, NEEDED, PIN, SHARD1, SHARD2, model_repo, same_bytes, server  # noqa: F401
 
-from qvl_cli import errors, hub, layout, settings, specs
-
-
+from qwenvl_cli import errors
+from qwenvl_cli.hub import download as hub
+from qwenvl_cli.hub import layout
+from qwenvl_cli import settings
+from qwenvl_cli.catalogue.resolve import resolve
 def fetch(hub_name: str, **kw):
-    return hub.ensure_local(specs.resolve(size_in_billions="2", hub=hub_name), quiet=True, **kw)
+    return hub.ensure_local(resolve(size_in_billions="2", hub=hub_name), quiet=True, **kw)
 
 
 def cached(qvl) -> list[dict]:
@@ -203,7 +205,7 @@ def test_verify_without_a_cached_copy(qvl):
 
 LIST_SPECS_IMPORTS = """
 import json, sys
-from qvl_cli.cli import main
+from qwenvl_cli.cli.app import main
 try:
     main(["list-specs", "--json"])
 except SystemExit:
@@ -244,7 +246,7 @@ def test_progress_on_a_terminal_is_a_live_display(server, qvl):
 
 
 def test_progress_counts_a_retried_file_once():
-    from qvl_cli.progress import Progress
+    from qwenvl_cli.hub.progress import Progress
 
     bar = Progress("m", total=300, done=100)
     bar.start_file("a", 200)

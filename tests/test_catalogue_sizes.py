@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from qvl_cli import specs
-from qvl_cli.errors import CatalogueError
+from qwenvl_cli.catalogue.load import builtin_specs_dir, load_file
+from qwenvl_cli.errors import CatalogueError
 
-BUILTIN = specs.builtin_specs_dir() / "qwen2-vl-instruct.yaml"
+BUILTIN = builtin_specs_dir() / "qwen2-vl-instruct.yaml"
 SEVEN = "  7:\n    hidden_size: 3584\n"
 
 
@@ -21,13 +21,13 @@ def _broken(tmp_path, old: str, new: str):
 
 def _error(path) -> str:
     with pytest.raises(CatalogueError) as info:
-        specs.load_file(path)
+        load_file(path)
     assert str(path) in info.value.message
     return info.value.message
 
 
 def test_builtin_sizes_give_the_published_parameter_counts():
-    fam = specs.load_file(BUILTIN)
+    fam = load_file(BUILTIN)
     counts = {size: dims.total_parameters for size, dims in fam.sizes}
     assert counts == {"2": 2_208_985_600, "7": 8_291_375_616, "72": 73_405_560_320}
     seven = fam.dims("7")
@@ -93,5 +93,5 @@ def test_sizes_block_is_optional_for_user_families(tmp_path):
     text = BUILTIN.read_text(encoding="utf-8").split("\nsizes:\n")[0]
     path = tmp_path / "plain.yaml"
     path.write_text(text, encoding="utf-8")
-    fam = specs.load_file(path)
+    fam = load_file(path)
     assert fam.sizes == () and fam.dims("7") is None

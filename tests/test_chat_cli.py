@@ -37,9 +37,10 @@ def chat(tiny_model, *args, **kwargs):
 
 
 def test_one_shot_streams_only_the_answer_on_stdout(tiny_model, files):
-    from qvl_cli.engine import Engine, EngineOptions
-    from qvl_cli.generation import GenerationParams, collect
-    from qvl_cli.messages import user_message
+    from qwenvl_cli.engine.engine import Engine
+    from qwenvl_cli.engine.options import EngineOptions
+    from qwenvl_cli.generation import GenerationParams, collect
+    from qwenvl_cli.messages import user_message
 
     proc = chat(tiny_model, "--image", files["red"], *GREEDY, "What is in this picture?")
     assert proc.returncode == 0, proc.stderr
@@ -133,7 +134,7 @@ def wait_for(predicate, timeout=60):
 
 
 def test_ctrl_c_in_the_repl_stops_the_answer_and_keeps_the_conversation(tiny_model):
-    proc = subprocess.Popen([sys.executable, "-m", "qvl_cli", "chat", "--model-path", str(tiny_model),
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_cli", "chat", "--model-path", str(tiny_model),
                              "--temperature", "0", "--max-tokens", "100000"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=qvl_env(), text=True)
@@ -158,7 +159,7 @@ def test_ctrl_c_in_the_repl_stops_the_answer_and_keeps_the_conversation(tiny_mod
 
 
 def test_ctrl_c_in_one_shot_exits_130(tiny_model):
-    proc = subprocess.Popen([sys.executable, "-m", "qvl_cli", "chat", "--model-path", str(tiny_model),
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_cli", "chat", "--model-path", str(tiny_model),
                              "--temperature", "0", "--max-tokens", "100000", "Tell me a story."],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=qvl_env(), text=True)
     try:

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from qvl_cli.chat import ChatSession, load_conversation, run_repl
-from qvl_cli.errors import MediaError, UsageError
-from qvl_cli.generation import Chunk, GenerationParams, Timings, Usage
+from qwenvl_cli.chat.session import ChatSession, load_conversation, run_repl
+from qwenvl_cli.errors import MediaError, UsageError
+from qwenvl_cli.generation import Chunk, GenerationParams, Timings, Usage
 
 
 class FakeModel:

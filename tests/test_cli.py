@@ -10,8 +10,8 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from qvl_cli import __version__
-from qvl_cli.cli import app, main
+from qwenvl_cli import __version__
+from qwenvl_cli.cli.app import app, main
 
 from conftest import REPO, qvl_env, run_qvl
 
@@ -112,12 +112,12 @@ def test_invalid_user_yaml_exits_1_naming_the_file(tmp_path, monkeypatch, capsys
 
 
 def test_unexpected_error_is_one_line_unless_debug(monkeypatch, capsys):
-    import qvl_cli.specs as specs_mod
+    import qwenvl_cli.catalogue.load as catalogue_load
 
     def boom(*a, **k):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(specs_mod, "load_catalogue", boom)
+    monkeypatch.setattr(catalogue_load, "load_catalogue", boom)
     code, _, err = run_main(["list-specs"], capsys)
     assert code == 1 and "unexpected error: RuntimeError: kaput" in err and "QVL_DEBUG=1" in err
     monkeypatch.setenv("QVL_DEBUG", "1")
@@ -144,7 +144,7 @@ HEAVY = ["torch", "torchvision", "transformers", "modelscope", "modelscope_hub",
 def test_start_up_imports_nothing_heavy(argv):
     code = textwrap.dedent(f"""
         import json, sys
-        from qvl_cli.cli import main
+        from qwenvl_cli.cli.app import main
         try:
             main({argv!r})
         except SystemExit as exc:
@@ -165,6 +165,6 @@ def test_cli_reference_is_current():
 
 
 def test_python_dash_m_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "qvl_cli", "--version"], env=qvl_env(),
+    proc = subprocess.run([sys.executable, "-m", "qwenvl_cli", "--version"], env=qvl_env(),
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == f"qvl {__version__}"

@@ -1,4 +1,4 @@
-"""Continuous batching (Engine.run_continuous, qvl_cli.continuous) on the tiny checkpoint.
+"""Continuous batching (Engine.run_continuous, qwenvl_cli.engine.continuous) on the tiny checkpoint.
 
 Every request decoded in a shared, changing batch must get the answer it gets alone
 (greedy, float32): joining, growing the batch, shifting and compacting the cache, and
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from qvl_cli.generation import GenerationParams, collect
+from qwenvl_cli.generation import GenerationParams, collect
 from test_fastpath import _engine
 
 QUESTIONS = ["Hello there.", "Tell me a story about a cat.", "What is in the picture?", "Describe this image.",
@@ -70,7 +70,7 @@ def test_requests_joining_a_running_batch_get_their_own_answers(fast):
 
 
 def test_the_cache_is_compacted_when_a_joiner_would_not_fit(fast):
-    from qvl_cli import continuous
+    from qwenvl_cli.engine import continuous
 
     params = GenerationParams(max_tokens=100, ignore_eos=True)
     # take() is called once per step while a row is free: A alone for 49 steps, B joins (rows
@@ -160,7 +160,7 @@ def test_the_server_scheduler_joins_requests_into_the_running_batch(fast):
     """The server's Scheduler uses continuous batching when the engine has a static cache."""
     import threading
 
-    from qvl_cli.scheduler import DONE, Job, Scheduler
+    from qwenvl_cli.serve.scheduler import DONE, QueuedRequest, Scheduler
 
     params = GenerationParams(max_tokens=24, temperature=0)
     scheduler = Scheduler(fast, max_pending=16, max_batch=4)
@@ -178,7 +178,7 @@ def test_the_server_scheduler_joins_requests_into_the_running_batch(fast):
     try:
         for q in QUESTIONS:
             messages = [{"role": "user", "content": q}]
-            scheduler.submit(Job(messages, params, fast.prepare(messages), emit_for(q)))
+            scheduler.submit(QueuedRequest(messages, params, fast.prepare(messages), emit_for(q)))
         assert all(event.wait(120) for event in done.values())
         stats = scheduler.stats()
     finally:
@@ -194,7 +194,9 @@ def test_on_a_gpu_graphs_and_gpu_preprocessing_keep_the_answers(tiny_model, tmp_
     """CUDA graphs in a continuous batch, and pixels normalised on the GPU, change no answer."""
     from PIL import Image
 
-    from qvl_cli.engine import Engine, EngineOptions
+    from qwenvl_cli.engine.engine import Engine
+
+    from qwenvl_cli.engine.options import EngineOptions
 
     image = tmp_path / "noise.png"
     Image.effect_noise((112, 84), 60).convert("RGB").save(image)

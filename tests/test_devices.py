@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from qvl_cli import devices
-from qvl_cli.engine import EngineOptions
-from qvl_cli.errors import EngineError, MissingDependency, UsageError
+from qwenvl_cli.engine import devices
+from qwenvl_cli.fit import gpus
+from qwenvl_cli.engine.options import EngineOptions
+from qwenvl_cli.errors import EngineError, MissingDependency, UsageError
 
 
 def fake_torch(n_gpus: int = 0, bf16: bool = True, free_gib: float = 70.0):
@@ -97,10 +98,10 @@ def test_flash_attention_rules(monkeypatch):
 
 @pytest.mark.parametrize("value,expected", [(None, None), ("", None), ("0", (0,)), ("0, 2", (0, 2))])
 def test_parse_gpu_idx(value, expected):
-    assert devices.parse_gpu_idx(value) == expected
+    assert gpus.parse_gpu_idx(value) == expected
 
 
 @pytest.mark.parametrize("value", ["a", "0,0", "-1", "1,,2"])
 def test_parse_gpu_idx_rejects(value):
     with pytest.raises(UsageError):
-        devices.parse_gpu_idx(value)
+        gpus.parse_gpu_idx(value)

@@ -11,9 +11,10 @@ import time
 import pytest
 
 from media_fixtures import make_frames, make_image, make_video
-from qvl_cli.engine import Engine, EngineOptions
-from qvl_cli.errors import EngineError, MediaError, OutOfMemory, PromptTooLarge, PromptTooLong
-from qvl_cli.generation import Answer, GenerationParams, collect
+from qwenvl_cli.engine.engine import Engine
+from qwenvl_cli.engine.options import EngineOptions
+from qwenvl_cli.errors import EngineError, MediaError, OutOfMemory, PromptTooLarge, PromptTooLong
+from qwenvl_cli.generation import Answer, GenerationParams, collect
 
 IMG = {"min_pixels": 3136, "max_pixels": 1280 * 28 * 28}  # the same sizing for qvl and the reference
 GREEDY = GenerationParams(temperature=0, max_tokens=24)

@@ -1,4 +1,4 @@
-"""qvl's decode loop (qvl_cli.fastpath, decode_step, sampling) against transformers' generate.
+"""qvl's decode loop (qwenvl_cli.engine.fastpath, decode_step, sampling) against transformers' generate.
 
 Correctness first: on the tiny checkpoint (float32, CPU) the qvl loop must give the token ids
 of ``model.generate`` for greedy decoding and, with a seed, for sampling (top-p, repetition
@@ -14,8 +14,8 @@ import types
 
 import pytest
 
-from qvl_cli import fastpath
-from qvl_cli.errors import UsageError
+from qwenvl_cli.engine import fastpath
+from qwenvl_cli.errors import UsageError
 
 # --- resolve: what "auto" means (pure) --------------------------------------------------------
 
@@ -67,7 +67,7 @@ def test_flash_attention_stays_on_the_vision_tower_with_a_static_cache():
 
 
 def test_buckets_are_powers_of_two_up_to_the_context():
-    from qvl_cli.decode_step import bucket, buckets_up_to
+    from qwenvl_cli.engine.decode_step import bucket, buckets_up_to
 
     assert [bucket(n) for n in (1, 256, 257, 1300, 1557, 4096, 4097)] == [256, 256, 512, 2048, 2048, 4096, 8192]
     assert bucket(30000, limit=32769) == 32768
@@ -259,7 +259,7 @@ def test_the_static_step_traces_as_one_graph(model):
     device value on the host, so the step can be captured as a CUDA graph."""
     import torch
 
-    from qvl_cli.decode_step import CachePool, compile_step
+    from qwenvl_cli.engine.decode_step import CachePool, compile_step
 
     slot = CachePool(model).acquire(2, 256)
     step = compile_step(torch, model, backend="eager", dynamic=False)  # fullgraph=True: a break raises
@@ -302,13 +302,14 @@ def noisy_image(tmp_path_factory, images):
 
 
 def _engine(tiny_model, **kw):
-    from qvl_cli.engine import Engine, EngineOptions
+    from qwenvl_cli.engine.engine import Engine
+    from qwenvl_cli.engine.options import EngineOptions
 
     return Engine.load(tiny_model, EngineOptions(device="cpu", dtype="float32", **kw))
 
 
 def test_engine_streams_the_same_answers_through_either_loop(tiny_model, noisy_image):
-    from qvl_cli.generation import GenerationParams, collect
+    from qwenvl_cli.generation import GenerationParams, collect
 
     plain = _engine(tiny_model, decode_loop="generate")
     fast = _engine(tiny_model, decode_loop="qvl", static_cache="on")
@@ -332,7 +333,7 @@ def test_engine_streams_the_same_answers_through_either_loop(tiny_model, noisy_i
 
 
 def test_engine_cancel_stops_the_qvl_loop(tiny_model):
-    from qvl_cli.generation import GenerationParams
+    from qwenvl_cli.generation import GenerationParams
 
     fast = _engine(tiny_model, decode_loop="qvl", static_cache="on")
     cancel = threading.Event()
@@ -382,7 +383,7 @@ def test_gpu_steps_match_the_eager_static_step(tiny_model, step):
 
 
 def test_the_pool_keeps_one_idle_batched_cache_and_the_recent_single_ones(model):
-    from qvl_cli.decode_step import CachePool
+    from qwenvl_cli.engine.decode_step import CachePool
 
     pool = CachePool(model, keep=3)
     def held():
@@ -406,8 +407,8 @@ def test_qvl_sdpa_folds_grouped_heads_without_copying_keys_and_values(model, mon
     import torch
     from transformers.integrations import sdpa_attention
 
-    from qvl_cli import attention
-    from qvl_cli.decode_step import CachePool, compile_step
+    from qwenvl_cli.engine import attention
+    from qwenvl_cli.engine.decode_step import CachePool, compile_step
 
     module = model.model.language_model.layers[0].self_attn
     q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 50, 16), torch.randn(3, 2, 50, 16)

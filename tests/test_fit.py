@@ -10,9 +10,13 @@ from dataclasses import replace
 
 import pytest
 
-from qvl_cli import fit, gpus, memory, specs
-from qvl_cli.errors import EXIT_FAILURE, DoesNotFit
-from qvl_cli.memory import GiB, Workload
+from qwenvl_cli.fit import check as fit
+from qwenvl_cli.fit import gpus
+from qwenvl_cli.fit import memory
+from qwenvl_cli.catalogue.load import load_catalogue
+from qwenvl_cli.catalogue.resolve import SpecQuery, resolve, spec_rows
+from qwenvl_cli.errors import EXIT_FAILURE, DoesNotFit
+from qwenvl_cli.fit.memory import GiB, Workload
 
 
 @pytest.fixture
@@ -27,18 +31,18 @@ def machine(monkeypatch):
 
 
 def _check(report, size, fmt=None, quant=None, workload=Workload()):
-    return fit.check_fit(specs.resolve(size_in_billions=size, model_format=fmt, quantization=quant),
+    return fit.check_fit(resolve(size_in_billions=size, model_format=fmt, quantization=quant),
                          report, workload)
 
 
 def _need(size, fmt=None, quant=None, workload=Workload()) -> str:
     """The estimate as the messages print it, e.g. '18.4'."""
-    spec = specs.resolve(size_in_billions=size, model_format=fmt, quantization=quant)
+    spec = resolve(size_in_billions=size, model_format=fmt, quantization=quant)
     return gpus.gib(memory.estimate(spec, workload).total)
 
 
 def _auto(report, workload=Workload(), **flags):
-    return fit.resolve_and_check(size_in_billions="auto", report=report, workload=workload, **flags)
+    return fit.resolve_and_check(SpecQuery(size_in_billions="auto", **flags), report=report, workload=workload)
 
 
 # --- the auto choice on common cards --------------------------------------------------
@@ -68,7 +72,7 @@ def test_auto_on_common_cards(machine, card, expected):
 def test_auto_explains_what_a_shorter_context_would_allow(machine):
     report = machine("48GiB:47.5GiB")
     reason = _auto(report).choice.reason
-    family = specs.load_catalogue().family("qwen2-vl-instruct")
+    family = load_catalogue().family("qwen2-vl-instruct")
     ctx = fit.max_context(family, ("72", "awq", "Int4"), report.gpus, Workload())
     assert 16384 <= ctx < 32768 and ctx % 1024 == 0
     assert f"72B awq Int4 would need ~{_need('72', 'awq')} GiB (it fits with --context-length {ctx})" in reason
@@ -166,7 +170,7 @@ def test_unknown_free_memory_is_not_a_refusal(machine):
 
 
 def test_spec_without_figures_is_not_checked(machine):
-    spec = specs.resolve(size_in_billions="7")
+    spec = resolve(size_in_billions="7")
     family = replace(spec.family, sizes=())
     result = fit.check_fit(replace(spec, family=family), machine("1GiB"))
     assert result.fits is None and result.estimate is None
@@ -174,12 +178,12 @@ def test_spec_without_figures_is_not_checked(machine):
 
 
 def test_list_specs_rows_are_annotated(machine):
-    catalogue = specs.load_catalogue()
-    rows = fit.annotate_rows(catalogue, specs.rows(catalogue), machine("24GiB:23GiB"))
+    catalogue = load_catalogue()
+    rows = fit.annotate_rows(catalogue, spec_rows(catalogue), machine("24GiB:23GiB"))
     by_key = {(r["size_in_billions"], r["model_format"], r["quantization"]): r for r in rows}
     assert by_key[("7", "pytorch", "none")]["fits"] is True
     assert by_key[("72", "awq", "Int4")]["fits"] is False
-    est = memory.estimate(specs.resolve(size_in_billions="7"))
+    est = memory.estimate(resolve(size_in_billions="7"))
     assert by_key[("7", "pytorch", "none")]["memory_bytes"] == est.total
 
 
@@ -236,7 +240,7 @@ def test_resolve_and_list_specs_import_nothing_heavy(tmp_path):
 
     from conftest import qvl_env
 
-    code = ("import sys\nfrom qvl_cli import cli\n"
+    code = ("import sys\nfrom qwenvl_cli.cli import app as cli\n"
             "for argv in (['resolve', '-s', 'auto'], ['list-specs', '--fit']):\n"
             "    try:\n        cli.main(argv)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
             "heavy = {'torch', 'transformers', 'PIL', 'huggingface_hub', 'modelscope', 'torchvision'}\n"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qvl_cli.errors import UsageError
-from qvl_cli.generation import (Answer, Chunk, GenerationParams, IncrementalDecoder, StopText,
+from qwenvl_cli.errors import UsageError
+from qwenvl_cli.generation import (Answer, Chunk, GenerationParams, IncrementalDecoder, StopText,
                                 Timings, Usage, stats_line)
 
 

@@ -12,9 +12,9 @@ import types
 
 import pytest
 
-from qvl_cli import gpus
-from qvl_cli.errors import UsageError
-from qvl_cli.gpus import GiB, MiB
+from qwenvl_cli.fit import gpus
+from qwenvl_cli.errors import UsageError
+from qwenvl_cli.fit.gpus import GiB, MiB
 
 
 @pytest.fixture
@@ -160,7 +160,9 @@ def test_gpu_idx_counts_the_visible_gpus(monkeypatch):
     report = gpus.query("1")
     assert [(g.index, g.physical_index, g.total) for g in report.gpus] == [(1, 3, 40 * GiB)]
     assert len(report.visible) == 2
-    assert [g.index for g in gpus.query("1,0,1").gpus] == [1, 0]
+    assert [g.index for g in gpus.query("1,0").gpus] == [1, 0]
+    with pytest.raises(UsageError, match="names GPU 1 twice"):  # one parser, one rule (gpus.parse_gpu_idx)
+        gpus.query("1,0,1")
     with pytest.raises(UsageError) as info:
         gpus.query("2")
     assert "there is no GPU 2; visible GPUs: 0, 1" in info.value.message
@@ -179,9 +181,9 @@ def test_resolve_uses_nvidia_smi_in_a_real_process(tmp_path, qvl):
     bindir.mkdir()
     _smi_script(bindir, "0, GPU-aaaa, 24564, 2000, NVIDIA GeForce RTX 4090\n"
                         "1, GPU-bbbb, 24564, 23000, NVIDIA GeForce RTX 4090")
-    import qvl_cli
+    import qwenvl_cli
 
-    pkg = os.path.dirname(os.path.dirname(qvl_cli.__file__))
+    pkg = os.path.dirname(os.path.dirname(qwenvl_cli.__file__))
     env = {"PYTHONPATH": os.pathsep.join([str(fake_dir), pkg]),
            "PATH": os.pathsep.join([str(bindir), os.environ["PATH"]]),
            "CUDA_VISIBLE_DEVICES": "GPU-bbbb"}

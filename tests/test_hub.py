@@ -1,6 +1,6 @@
 """Downloads with the real huggingface_hub and modelscope_hub clients against a loopback hub.
 
-Fast in-process tests call qvl_cli.hub.ensure_local; the interrupt and concurrency tests
+Fast in-process tests call qwenvl_cli.hub.download.ensure_local; the interrupt and concurrency tests
 run qvl as real processes.
 """
 
@@ -15,11 +15,16 @@ from hubfixtures import (HF_CHUNK, HF_ID, MS_ID, NEEDED, PIN, SHARD1, SHARD2, bi
                          big_server, model_repo, same_bytes, server, spawn_qvl, wait_for)
 from hubserver import refused_url
 
-from qvl_cli import errors, hub, layout, settings, specs
+from qwenvl_cli import errors
+from qwenvl_cli.hub import download as hub
+from qwenvl_cli.hub import layout
+from qwenvl_cli import settings
+from qwenvl_cli.catalogue import resolve as resolution
+from qwenvl_cli.catalogue.spec import ResolvedSpec
 
 
-def resolve(hub_name: str = "huggingface", **kw) -> specs.ResolvedSpec:
-    return specs.resolve(size_in_billions=kw.pop("size", "2"), hub=hub_name, **kw)
+def resolve(hub_name: str = "huggingface", **kw) -> ResolvedSpec:
+    return resolution.resolve(size_in_billions=kw.pop("size", "2"), hub=hub_name, **kw)
 
 
 def file_gets(server, name: str) -> list:
@@ -133,7 +138,7 @@ def test_an_unreachable_chosen_hub_is_one_clear_error(server, monkeypatch):
 
 def test_the_hub_comes_from_QVL_DOWNLOAD_HUB(server, monkeypatch):
     monkeypatch.setenv("QVL_DOWNLOAD_HUB", "modelscope")
-    assert hub.ensure_local(specs.resolve(size_in_billions="2"), quiet=True).hub == "modelscope"
+    assert hub.ensure_local(resolution.resolve(size_in_billions="2"), quiet=True).hub == "modelscope"
 
 
 # --- faults --------------------------------------------------------------------------------

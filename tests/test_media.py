@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from media_fixtures import data_uri, make_image, png_header
 
-from qvl_cli import settings, sizing
-from qvl_cli.errors import EXIT_USAGE, MediaError
-from qvl_cli.media import MediaPolicy, resolve_image, resolve_video
-from qvl_cli.vision import REFERENCE_DEFAULTS, VisionDefaults, image_plan, prepare_vision
+from qwenvl_cli import settings
+from qwenvl_cli.media import sizing
+from qwenvl_cli.errors import EXIT_USAGE, MediaError
+from qwenvl_cli.media.sources import MediaPolicy, resolve_image, resolve_video
+from qwenvl_cli.engine.vision import prepare_vision
+from qwenvl_cli.media.vision import REFERENCE_DEFAULTS, VisionDefaults, image_plan
 
 np = pytest.importorskip("numpy")
 vp = pytest.importorskip("qwen_vl_utils.vision_process")
@@ -311,7 +313,7 @@ def test_media_flags_are_checked():
 
 
 def test_media_modules_import_nothing_heavy():
-    code = ("import sys, qvl_cli.media, qvl_cli.vision, qvl_cli.video, qvl_cli.sizing; "
+    code = ("import sys, qwenvl_cli.media.sources, qwenvl_cli.media.vision, qwenvl_cli.media.video, qwenvl_cli.media.sizing; "
             "print(sorted(m for m in ('PIL', 'av', 'torch', 'torchvision', 'numpy', 'decord', "
             "'transformers', 'qwen_vl_utils', 'urllib.request') if m in sys.modules))")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
@@ -320,7 +322,7 @@ def test_media_modules_import_nothing_heavy():
 
 
 def test_cap_note_says_what_the_pixel_budget_did():
-    from qvl_cli.vision import VisionInfo
+    from qwenvl_cli.media.vision import VisionInfo
 
     capped = VisionInfo("image", "photo.jpg", 4032, 3024, 1148, 840, 1230)
     assert capped.cap_note() == ("this 12.2 MP image is 15,552 visual tokens at full size; capped to 1,230 by "

@@ -9,10 +9,12 @@ import os
 import pytest
 from media_fixtures import frame_color, make_image, make_video
 
-from qvl_cli import video
-from qvl_cli.errors import MediaError
-from qvl_cli.media import resolve_video
-from qvl_cli.vision import REFERENCE_DEFAULTS, VisionDefaults, prepare_vision
+from qwenvl_cli.media import video
+from qwenvl_cli.errors import MediaError
+from qwenvl_cli.media.sources import resolve_video
+from qwenvl_cli.engine import vision as engine_vision
+from qwenvl_cli.engine.vision import prepare_vision
+from qwenvl_cli.media.vision import REFERENCE_DEFAULTS, VisionDefaults
 
 np = pytest.importorskip("numpy")
 torch = pytest.importorskip("torch")
@@ -84,7 +86,7 @@ def _decord(path, opts):
     ("vfr", {"nframes": 20}),
 ])
 def test_sampled_frames_equal_decord_reader(clips, clip, opts):
-    frames, indices, count, fps, sample_fps = video.sample(clips[clip], opts)
+    frames, indices, count, fps, sample_fps = engine_vision.sample_video(clips[clip], opts)
     expected, expected_indices, expected_fps = _decord(clips[clip], opts)
     assert indices == expected_indices
     assert sample_fps == expected_fps
@@ -101,7 +103,7 @@ def test_seeking_across_key_frames_with_b_frames(clips):
     with video.VideoFile(path) as clip:
         assert clip.timeline.exact is None  # the mp4 index gave a constant-rate timeline
         for indices in ([58, 59, 60, 61, 119, 120, 121, 299], [0, 299], [5, 5, 4], list(range(300))):
-            got = clip.read(indices).permute(0, 2, 3, 1).numpy()
+            got = clip.read(indices)
             assert np.array_equal(got, reader.get_batch(indices).asnumpy()), indices
 
 
@@ -122,7 +124,7 @@ def test_a_wrong_fast_timeline_falls_back_to_the_packet_pass(clips, monkeypatch)
     import decord
 
     batch = decord.VideoReader(str(clips["mp4"])).get_batch(indices).asnumpy()
-    assert np.array_equal(frames.permute(0, 2, 3, 1).numpy(), batch)
+    assert np.array_equal(frames, batch)
 
 
 def test_process_vision_info_equals_prepare_vision(clips, tmp_path):
@@ -227,7 +229,7 @@ def test_a_truncated_video_fails_when_its_missing_frames_are_read(tmp_path):
     (tmp_path / "half.mp4").write_bytes(data[: len(data) // 2])
     source = resolve_video(str(tmp_path / "half.mp4"))  # the header and first frame are fine
     with pytest.raises(MediaError, match="truncated or corrupt"):
-        video.sample(source.path, {"nframes": 8})
+        engine_vision.sample_video(source.path, {"nframes": 8})
 
 
 def test_range_and_count_errors_are_media_errors(clips):
@@ -235,11 +237,11 @@ def test_range_and_count_errors_are_media_errors(clips):
                        ({"nframes": 500}, "cannot sample 500 frames"),
                        ({"fps": 2.0, "nframes": 4}, "both fps and nframes")):
         with pytest.raises(MediaError, match=text):
-            video.sample(clips["mp4"], opts)
+            engine_vision.sample_video(clips["mp4"], opts)
 
 
 def test_plans_from_metadata_equal_what_prepare_vision_reads(clips):
-    from qvl_cli.vision import video_plan
+    from qwenvl_cli.media.vision import video_plan
 
     defaults = VisionDefaults.from_flags(max_pixels=300 * 784)
     for ref, item in ((clips["mp4"], {"fps": 3.0}), (clips["mov"], {"nframes": 6, "video_start": 0.4}),
@@ -268,7 +270,7 @@ def test_high_bit_depth_colour_conversion_is_within_the_documented_bound(tmp_pat
         for packet in stream.encode():
             container.mux(packet)
     with video.VideoFile(path) as clip:
-        got = clip.read(list(range(6))).permute(0, 2, 3, 1).numpy().astype(int)
+        got = clip.read(list(range(6))).astype(int)
     expected = decord.VideoReader(str(path)).get_batch(list(range(6))).asnumpy().astype(int)
     diff = np.abs(got - expected)
     assert diff.max() <= 96 and diff.mean() < 2.0  # measured: 80 and 0.89
@@ -288,7 +290,7 @@ def test_containers_that_seek_badly_still_give_the_right_frames(tmp_path, name, 
     with video.VideoFile(path) as clip:
         assert clip.total == len(truth) == 300
         for indices in ([0, 299], [58, 59, 60, 61, 119, 120, 121, 299], [150, 151, 290], [5, 5, 4]):
-            got = clip.read(indices).permute(0, 2, 3, 1).numpy()
+            got = clip.read(indices)
             assert np.array_equal(got, truth[indices]), indices
             assert clip.seeker.restarts <= 2  # bounded: after two restarts it stops seeking
 

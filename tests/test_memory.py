@@ -8,9 +8,11 @@ import sys
 import pytest
 from conftest import qvl_env
 
-from qvl_cli import memory, specs
-from qvl_cli.errors import NoEstimate
-from qvl_cli.memory import GiB, Workload
+from qwenvl_cli.fit import memory
+from qwenvl_cli.catalogue.load import builtin_specs_dir
+from qwenvl_cli.catalogue.resolve import resolve
+from qwenvl_cli.errors import NoEstimate
+from qwenvl_cli.fit.memory import GiB, Workload
 
 # Qwen team, transformers on one A100 80GB, batch 1, generating 2048 tokens from an input of
 # length 1 (text only). Their "GB" are GiB (torch's figure): in 10^9 bytes the 7B bf16 figure
@@ -25,7 +27,7 @@ PUBLISHED_RUN = Workload(context_length=1 + 2048, prompt_tokens=1, images=0)
 
 
 def _spec(size, fmt, quant=None):
-    return specs.resolve(size_in_billions=size, model_format=fmt, quantization=quant)
+    return resolve(size_in_billions=size, model_format=fmt, quantization=quant)
 
 
 @pytest.mark.parametrize("size,fmt,quant,published", PUBLISHED)
@@ -117,18 +119,18 @@ def test_quantization_names():
 
 
 def test_no_estimate_without_figures(tmp_path, monkeypatch):
-    text = (specs.builtin_specs_dir() / "qwen2-vl-instruct.yaml").read_text().split("\nsizes:\n")[0]
+    text = (builtin_specs_dir() / "qwen2-vl-instruct.yaml").read_text().split("\nsizes:\n")[0]
     user = tmp_path / "qvl" / "specs"
     user.mkdir(parents=True)
     (user / "mine.yaml").write_text(text.replace("name: qwen2-vl-instruct", "name: mine"))
     monkeypatch.setenv("QVL_HOME", str(tmp_path / "qvl"))
     with pytest.raises(NoEstimate) as info:
-        memory.estimate(specs.resolve("mine", size_in_billions="7"))
+        memory.estimate(resolve(model_name="mine", size_in_billions="7"))
     assert "gives no architecture figures" in info.value.message and "sizes:" in info.value.hint
 
 
 def test_importing_the_estimator_stays_light():
-    code = ("import sys, qvl_cli.memory, qvl_cli.fit, qvl_cli.gpus, qvl_cli.cli; "
+    code = ("import sys, qwenvl_cli.fit.memory, qwenvl_cli.fit.check, qwenvl_cli.fit.gpus, qwenvl_cli.cli.app; "
             "heavy = {'torch', 'transformers', 'PIL', 'huggingface_hub', 'modelscope', 'pynvml'}; "
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -139,10 +141,9 @@ def test_importing_the_estimator_stays_light():
 def test_from_config_reads_a_published_style_config_like_the_catalogue():
     from dataclasses import asdict
 
-    from qvl_cli import dims as dims_mod
-    from qvl_cli import specs
+    from qwenvl_cli.catalogue import dims as dims_mod
 
-    spec = specs.resolve(size_in_billions="7", hub="huggingface")
+    spec = resolve(size_in_billions="7", hub="huggingface")
     cat = spec.dims
     config = {"hidden_size": cat.hidden_size, "intermediate_size": cat.intermediate_size,
               "num_hidden_layers": cat.num_hidden_layers, "num_attention_heads": cat.num_attention_heads,
@@ -157,10 +158,9 @@ def test_from_config_reads_a_published_style_config_like_the_catalogue():
 
 
 def test_prompt_bytes_grow_with_pixels_and_tokens():
-    from qvl_cli import specs
-    from qvl_cli.memory import prompt_bytes
+    from qwenvl_cli.fit.memory import prompt_bytes
 
-    d = specs.resolve(size_in_billions="7", hub="huggingface").dims
+    d = resolve(size_in_billions="7", hub="huggingface").dims
     small = prompt_bytes(d, 1400, 1280, 512)
     big_image = prompt_bytes(d, 15700, 15552, 512)
     assert small < big_image

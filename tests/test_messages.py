@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
-from qvl_cli import messages as msgs
-from qvl_cli.errors import UsageError
+from qwenvl_cli import messages as msgs
+from qwenvl_cli.errors import UsageError
 
 
 def test_openai_parts_become_qwen_parts_with_their_options():

@@ -21,14 +21,14 @@ def test_wheel_ships_specs_and_installed_copy_finds_them(tmp_path):
                    capture_output=True)
     (wheel,) = wheels.glob("qvl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "qvl_cli/specs/qwen2-vl-instruct.yaml" in names
+    assert "qwenvl_cli/specs/qwen2-vl-instruct.yaml" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True, timeout=300, capture_output=True)
-    code = ("import json, qvl_cli.specs as s; c = s.load_catalogue(); "
-            "print(json.dumps([str(s.builtin_specs_dir()), len(s.rows(c)), s.__file__]))")
+    code = ("import json, qwenvl_cli.catalogue.load as s, qwenvl_cli.catalogue.resolve as r; c = s.load_catalogue(); "
+            "print(json.dumps([str(s.builtin_specs_dir()), len(r.spec_rows(c)), s.__file__]))")
     out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(target), "HOME": str(tmp_path)},
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -31,8 +31,9 @@ import sys
 
 import pytest
 
-from qvl_cli import quant
-from qvl_cli.errors import EngineError, MissingDependency, translate
+from qwenvl_cli.engine import quant
+from qwenvl_cli.fit import packages
+from qwenvl_cli.errors import EngineError, MissingDependency, translate
 
 from conftest import REPO, load_script, qvl_env
 
@@ -68,7 +69,7 @@ def fixtures(quantized_fixtures):
 def test_missing_backend_names_the_install_command(monkeypatch, fmt, missing):
     monkeypatch.setitem(sys.modules, missing, None)  # find_spec answers None, import fails
     with pytest.raises(MissingDependency) as info:
-        quant.require_backend(fmt, "cpu")
+        packages.require_backend(fmt, "cpu")
     assert f'pip install "qvl[{fmt}]"' in info.value.message and missing in info.value.message
     assert info.value.exit_code == 1 and "\n" not in info.value.message
 
@@ -76,11 +77,11 @@ def test_missing_backend_names_the_install_command(monkeypatch, fmt, missing):
 def test_gptq_without_optimum_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "optimum", None)
     with pytest.raises(MissingDependency, match="optimum"):
-        quant.require_backend("GPTQ", "cuda")
+        packages.require_backend("GPTQ", "cuda")
 
 
 def test_unquantized_formats_need_nothing():
-    assert quant.require_backend("pytorch") is None and quant.require_backend("") is None
+    assert packages.require_backend("pytorch") is None and packages.require_backend("") is None
 
 
 def _fake_backend(root, cpu_kernels: bool):
@@ -88,7 +89,7 @@ def _fake_backend(root, cpu_kernels: bool):
         (root / name).mkdir(parents=True)
         (root / name / "__init__.py").write_text("")
     if cpu_kernels:
-        for path in quant.CPU_KERNELS.values():
+        for path in packages.CPU_KERNELS.values():
             (root / "gptqmodel" / path).parent.mkdir(parents=True, exist_ok=True)
             (root / "gptqmodel" / path).write_text("")
 
@@ -99,14 +100,14 @@ def test_says_whether_the_installed_backend_runs_on_cpu(tmp_path, monkeypatch, c
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("gptqmodel", "optimum"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    on_gpu = quant.require_backend("awq", "cuda")
+    on_gpu = packages.require_backend("awq", "cuda")
     assert on_gpu.cpu is cpu_kernels and on_gpu.notes == ()
     assert ("CPU" in on_gpu.describe()) is cpu_kernels
     if cpu_kernels:
-        assert "slower" in quant.require_backend("gptq", "cpu").notes[0]
+        assert "slower" in packages.require_backend("gptq", "cpu").notes[0]
     else:
         with pytest.raises(EngineError, match="no CPU kernel for GPTQ") as info:
-            quant.require_backend("gptq", "cpu")
+            packages.require_backend("gptq", "cpu")
         assert "CUDA" in info.value.hint
 
 
@@ -116,17 +117,17 @@ def test_auto_device_asks_the_gpu_probe(tmp_path, monkeypatch):
     for name in ("gptqmodel", "optimum"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setenv("QVL_FAKE_GPUS", "24GiB")
-    assert quant.require_backend("awq", "auto").cpu is False
+    assert packages.require_backend("awq", "auto").cpu is False
     for nothing in ("none", "unknown"):
         monkeypatch.setenv("QVL_FAKE_GPUS", nothing)
         with pytest.raises(EngineError, match="runs on CUDA GPUs only"):
-            quant.require_backend("awq", "auto")
+            packages.require_backend("awq", "auto")
 
 
 def test_preflight_imports_nothing_heavy():
-    code = ("import sys; from qvl_cli import quant\n"
+    code = ("import sys; from qwenvl_cli.fit import packages\n"
             "sys.modules['gptqmodel'] = None\n"
-            "try:\n    quant.require_backend('awq', 'cpu')\nexcept Exception as e:\n    print(e)\n"
+            "try:\n    packages.require_backend('awq', 'cpu')\nexcept Exception as e:\n    print(e)\n"
             "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=qvl_env(), capture_output=True, text=True,
                          timeout=60, check=True).stdout.splitlines()
@@ -134,7 +135,8 @@ def test_preflight_imports_nothing_heavy():
 
 
 def test_engine_stops_before_loading_without_the_backend(fixtures, monkeypatch):
-    from qvl_cli.engine import Engine, EngineOptions
+    from qwenvl_cli.engine.engine import Engine
+    from qwenvl_cli.engine.options import EngineOptions
 
     monkeypatch.setitem(sys.modules, "gptqmodel", None)
     with pytest.raises(MissingDependency, match=r'pip install "qvl\[gptq\]"'):

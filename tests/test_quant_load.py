@@ -54,7 +54,8 @@ def image(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engines(fixtures, tiny_model):
     """Engines loaded once per module, by name: the unquantized tiny model and each fixture."""
-    from qvl_cli.engine import Engine, EngineOptions
+    from qwenvl_cli.engine.engine import Engine
+    from qwenvl_cli.engine.options import EngineOptions
 
     loaded = {}
 
@@ -125,7 +126,9 @@ def test_published_awq_form_without_normalisation_breaks_the_vision_tower(wide_a
     import torch
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
-    from qvl_cli.engine import Engine, EngineOptions
+    from qwenvl_cli.engine.engine import Engine
+
+    from qwenvl_cli.engine.options import EngineOptions
 
     config = AutoConfig.from_pretrained(wide_awq)
     config.quantization_config = dict(config.quantization_config, backend="torch_awq")
@@ -165,7 +168,9 @@ def test_a_packing_mistake_breaks_the_tight_bound(fixtures, engines, image, tmp_
     import torch
     from safetensors.torch import load_file, save_file
 
-    from qvl_cli.engine import Engine, EngineOptions
+    from qwenvl_cli.engine.engine import Engine
+
+    from qwenvl_cli.engine.options import EngineOptions
 
     script = load_script("make_quantized_fixtures")
     bad = shutil.copytree(fixtures["gptq-int8"], tmp_path / "bad")
@@ -182,8 +187,8 @@ def test_a_packing_mistake_breaks_the_tight_bound(fixtures, engines, image, tmp_
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_engine_answers_an_image_prompt_on_cpu(engines, fmt, image):
-    from qvl_cli.engine import Prepared
-    from qvl_cli.generation import GenerationParams
+    from qwenvl_cli.engine.engine import Prepared
+    from qwenvl_cli.generation import GenerationParams
 
     engine = engines(fmt)
     messages, inputs = _inputs(engine, image)

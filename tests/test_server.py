@@ -267,9 +267,9 @@ def test_body_and_pixel_limits(served, tmp_path):
 
 
 def test_remote_backend_streams_chunks_and_sends_local_media(served):
-    from qvl_cli import messages
-    from qvl_cli.generation import GenerationParams, collect
-    from qvl_cli.remote import Remote, Target
+    from qwenvl_cli import messages
+    from qwenvl_cli.generation import GenerationParams, collect
+    from qwenvl_cli.backend.remote import Remote, Target
 
     remote = Remote(Target(served.url, None, KEY))
     params = GenerationParams(max_tokens=12, temperature=0)
@@ -284,9 +284,9 @@ def test_remote_backend_streams_chunks_and_sends_local_media(served):
 
 
 def test_remote_backend_errors_are_one_line(served):
-    from qvl_cli.errors import ServerError, UsageError
-    from qvl_cli.generation import collect
-    from qvl_cli.remote import Remote, Target
+    from qwenvl_cli.errors import ServerError, UsageError
+    from qwenvl_cli.generation import collect
+    from qwenvl_cli.backend.remote import Remote, Target
 
     with pytest.raises(ServerError) as wrong:
         collect(Remote(Target(served.url, UID, "bad"))(TEXT))
@@ -384,7 +384,7 @@ def _post_and_give_up(served, body, headers) -> None:
 
 
 def test_foreground_server_stops_cleanly_on_sigterm(served):
-    from qvl_cli import registry
+    from qwenvl_cli.serve import registry
 
     home = served.root / "qvl"
     entry = json.loads((home / "run" / f"{UID}.json").read_text())

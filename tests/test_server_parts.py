@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 
 from media_fixtures import make_image
-from qvl_cli import api, registry, remote
-from qvl_cli.api import ServerConfig
-from qvl_cli.errors import MediaError, ServerError, UsageError
-from qvl_cli.generation import Answer, Chunk, Usage
-from qvl_cli.scheduler import DONE, Job, Scheduler
+from qwenvl_cli.serve import api
+from qwenvl_cli.serve import registry
+from qwenvl_cli.backend import remote
+from qwenvl_cli.serve.api import ServerConfig
+from qwenvl_cli.errors import MediaError, ServerError, UsageError
+from qwenvl_cli.generation import Answer, Chunk, Usage
+from qwenvl_cli.serve.scheduler import DONE, QueuedRequest, Scheduler
 
 CONFIG = ServerConfig(uid="m", model_path="/x", aliases=("Qwen/Qwen2-VL-2B-Instruct",))
 TEXT = [{"role": "user", "content": "hi"}]
@@ -76,7 +78,7 @@ def test_parse_chat_refuses_bad_bodies(body, error, status):
 
 def test_error_bodies_and_statuses():
     assert api.http_error(UsageError("bad", "fix")).status == 400
-    from qvl_cli.errors import PromptTooLong
+    from qwenvl_cli.errors import PromptTooLong
 
     too_long = api.http_error(PromptTooLong("long", "shorter"))
     assert (too_long.status, too_long.code) == (400, "context_length_exceeded")
@@ -133,7 +135,7 @@ class FakeEngine:
                 self.busy -= 1
 
 
-def _job(name: str, tokens: int, out: dict) -> Job:
+def _job(name: str, tokens: int, out: dict) -> QueuedRequest:
     out[name] = []
     done = threading.Event()
     out[name + "_done"] = done
@@ -143,7 +145,7 @@ def _job(name: str, tokens: int, out: dict) -> Job:
             done.set()
         else:
             out[name].append(item)
-    return Job(name, tokens, None, emit)
+    return QueuedRequest(name, tokens, None, emit)
 
 
 def test_scheduler_runs_jobs_one_at_a_time_in_order():
@@ -261,7 +263,7 @@ def test_endpoint_of_a_wildcard_bind_is_loopback():
 
 
 def _media(tmp_path: Path, **config) -> "RequestMedia":  # noqa: F821
-    from qvl_cli.server_media import RequestMedia, policy_for
+    from qwenvl_cli.serve.media import RequestMedia, policy_for
 
     return RequestMedia(policy_for(ServerConfig(uid="m", model_path="/x", **config)))
 
@@ -334,7 +336,7 @@ def test_pick_target_rules(monkeypatch):
     _running("one")
     target = remote.pick_target()
     assert (target.base_url, target.model, target.uid) == ("http://127.0.0.1:9/v1", "one", "one")
-    assert remote.pick_target(spec_flags_given=True) is None
+    assert remote.pick_target(spec_given=True) is None
     _running("two", api_key=True)
     with pytest.raises(UsageError, match="2 launched models are running"):
         remote.pick_target()
@@ -345,7 +347,7 @@ def test_pick_target_rules(monkeypatch):
     assert remote.pick_target(model_uid="two").api_key == "env"
     with pytest.raises(ServerError, match="no running model with UID 'three'"):
         remote.pick_target(model_uid="three")
-    far = remote.pick_target(endpoint="example.org:8000", model_uid="x", spec_flags_given=True)
+    far = remote.pick_target(endpoint="example.org:8000", model_uid="x", spec_given=True)
     assert (far.base_url, far.model) == ("http://example.org:8000/v1", "x")
 
 
@@ -357,7 +359,7 @@ def test_endpoint_normalisation(url, expected):
 
 
 def test_request_options_use_openai_names_and_extras():
-    from qvl_cli.generation import GenerationParams
+    from qwenvl_cli.generation import GenerationParams
 
     options = remote.request_options(GenerationParams(max_tokens=5, temperature=0, stop=("x",), top_k=3))
     assert options == {"max_tokens": 5, "temperature": 0, "stop": ["x"], "extra_body": {"top_k": 3}}
@@ -425,8 +427,8 @@ def test_scheduler_batches_waiting_jobs_with_the_same_key():
 
 
 def test_out_of_memory_answers_503_and_too_large_a_prompt_400():
-    from qvl_cli import api
-    from qvl_cli.errors import OutOfMemory, PromptTooLarge
+    from qwenvl_cli.serve import api
+    from qwenvl_cli.errors import OutOfMemory, PromptTooLarge
 
     assert api.http_error(OutOfMemory("out of memory on cuda:0", "lower --max-pixels")).status == 503
     assert api.http_error(PromptTooLarge("this prompt needs ~9.0 GiB more", "lower --max-pixels")).status == 400

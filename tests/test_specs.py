@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from qvl_cli import specs
-from qvl_cli.errors import CatalogueError, NoMatchingSpec
+from qwenvl_cli.catalogue import spec as specs
+
+from qwenvl_cli.catalogue.load import load_catalogue, load_file
+
+from qwenvl_cli.catalogue.resolve import filter_rows, resolve, spec_rows
+from qwenvl_cli.errors import CatalogueError, NoMatchingSpec
 
 # Written out independently of specs/qwen2-vl-instruct.yaml (from the reference catalogue):
 # (format, size, quantization, huggingface id, modelscope id, huggingface revision)
@@ -40,13 +44,13 @@ EXPECTED = [
 
 @pytest.fixture(scope="module")
 def catalogue():
-    return specs.load_catalogue(user_dir=Path("/nonexistent"))
+    return load_catalogue(user_dir=Path("/nonexistent"))
 
 
 def test_shipped_catalogue_has_eleven_specs_and_twelve_rows(catalogue):
     fam = catalogue.family("qwen2-vl-instruct")
     assert len(fam.specs) == 11
-    assert len(specs.rows(catalogue)) == 12
+    assert len(spec_rows(catalogue)) == 12
     assert fam.context_length == 32768
     assert fam.languages == ("en", "zh")
     assert fam.abilities == ("chat", "vision")
@@ -58,12 +62,12 @@ def test_shipped_catalogue_has_eleven_specs_and_twelve_rows(catalogue):
 
 @pytest.mark.parametrize("fmt,size,quant,hf_id,ms_id,hf_rev", EXPECTED)
 def test_every_spec_resolves_to_the_right_repos(catalogue, fmt, size, quant, hf_id, ms_id, hf_rev):
-    spec = specs.resolve(size_in_billions=size, model_format=fmt, quantization=quant,
+    spec = resolve(size_in_billions=size, model_format=fmt, quantization=quant,
                          hub="huggingface", catalogue=catalogue)
     assert (spec.model_format, spec.size_in_billions, spec.quantization) == (fmt, size, quant)
     assert spec.model_id == hf_id
     assert spec.revision == hf_rev
-    ms = specs.resolve(size_in_billions=size, model_format=fmt, quantization=quant,
+    ms = resolve(size_in_billions=size, model_format=fmt, quantization=quant,
                        hub="modelscope", catalogue=catalogue)
     assert ms.model_id == ms_id
     assert ms.revision == "master"
@@ -72,13 +76,13 @@ def test_every_spec_resolves_to_the_right_repos(catalogue, fmt, size, quant, hf_
 
 def test_rows_match_expected_table(catalogue):
     got = {(r["model_format"], r["size_in_billions"], r["quantization"]):
-           (r["huggingface"]["model_id"], r["modelscope"]["model_id"]) for r in specs.rows(catalogue)}
+           (r["huggingface"]["model_id"], r["modelscope"]["model_id"]) for r in spec_rows(catalogue)}
     want = {(f, s, q): (h, m) for f, s, q, h, m, _ in EXPECTED}
     assert got == want
 
 
 def test_defaults_pick_2b_pytorch_and_record_what_was_defaulted(catalogue):
-    spec = specs.resolve(catalogue=catalogue)
+    spec = resolve(catalogue=catalogue)
     assert (spec.model_format, spec.size_in_billions, spec.quantization) == ("pytorch", "2", "none")
     assert set(spec.defaulted) == {"model_name", "model_engine", "model_format",
                                    "size_in_billions", "quantization", "hub"}
@@ -87,13 +91,13 @@ def test_defaults_pick_2b_pytorch_and_record_what_was_defaulted(catalogue):
 
 
 def test_format_alone_picks_smallest_size_with_that_format(catalogue):
-    spec = specs.resolve(model_format="awq", catalogue=catalogue)
+    spec = resolve(model_format="awq", catalogue=catalogue)
     assert spec.size_in_billions == "2" and spec.quantization == "Int4"
     assert "size_in_billions" in spec.defaulted and "model_format" not in spec.defaulted
 
 
 def test_acceptance_7b_awq(catalogue):
-    spec = specs.resolve(size_in_billions="7", model_format="awq", catalogue=catalogue)
+    spec = resolve(size_in_billions="7", model_format="awq", catalogue=catalogue)
     assert spec.model_id == "Qwen/Qwen2-VL-7B-Instruct-AWQ"
     assert spec.quantization == "Int4"
     assert spec.uid == "qwen2-vl-instruct-7b-awq-int4"
@@ -101,19 +105,19 @@ def test_acceptance_7b_awq(catalogue):
 
 def test_ambiguous_quantization_lists_choices(catalogue):
     with pytest.raises(NoMatchingSpec) as info:
-        specs.resolve(size_in_billions="72", model_format="gptq", catalogue=catalogue)
+        resolve(size_in_billions="72", model_format="gptq", catalogue=catalogue)
     assert "Int4" in info.value.message and "Int8" in info.value.message
     assert info.value.exit_code == 2
     with pytest.raises(NoMatchingSpec, match="Int4, Int8|Int8, Int4"):
-        specs.resolve(model_format="gptq", catalogue=catalogue)  # 2B GPTQ: two specs
+        resolve(model_format="gptq", catalogue=catalogue)  # 2B GPTQ: two specs
 
 
 def test_matching_is_case_insensitive(catalogue):
-    spec = specs.resolve(size_in_billions="72", model_format="GPTQ", quantization="int8",
+    spec = resolve(size_in_billions="72", model_format="GPTQ", quantization="int8",
                          hub="ModelScope", catalogue=catalogue)
     assert spec.model_id == "qwen/Qwen2-VL-72B-Instruct-GPTQ-Int8"
     assert spec.quantization == "Int8" and spec.model_format == "gptq"
-    assert specs.resolve(model_name="QWEN2-VL-INSTRUCT", model_engine="Transformers",
+    assert resolve(model_name="QWEN2-VL-INSTRUCT", model_engine="Transformers",
                          catalogue=catalogue).model_engine == "transformers"
 
 
@@ -128,14 +132,14 @@ def test_matching_is_case_insensitive(catalogue):
 ])
 def test_no_match_names_the_value_and_valid_choices(catalogue, kwargs, fragment, hint_fragment):
     with pytest.raises(NoMatchingSpec) as info:
-        specs.resolve(catalogue=catalogue, **kwargs)
+        resolve(catalogue=catalogue, **kwargs)
     assert fragment in info.value.message
     assert hint_fragment in info.value.hint
 
 
 def test_resolution_never_mutates_the_catalogue(catalogue):
     before = copy.deepcopy(catalogue)
-    specs.resolve(size_in_billions="72", model_format="gptq", quantization="Int4", catalogue=catalogue)
+    resolve(size_in_billions="72", model_format="gptq", quantization="Int4", catalogue=catalogue)
     assert catalogue == before
     raw = catalogue.family("qwen2-vl-instruct").specs[-1]
     assert "{quantization}" in raw.hubs[0].model_id  # the template is still there
@@ -186,12 +190,12 @@ def write(tmp_path: Path, text: str, name: str = "tiny.yaml") -> Path:
 
 
 def test_good_user_file_loads_with_fractional_sizes(tmp_path):
-    fam = specs.load_file(write(tmp_path, GOOD))
+    fam = load_file(write(tmp_path, GOOD))
     assert [s.size_in_billions for s in fam.specs] == ["1_5", "0_5"]
     cat = specs.Catalogue((fam,))
-    spec = specs.resolve("tiny-vl", size_in_billions="1.5", catalogue=cat, hub="huggingface")
+    spec = resolve(model_name="tiny-vl", size_in_billions="1.5", catalogue=cat, hub="huggingface")
     assert spec.model_id == "org/tiny-1.5B" and spec.revision == "abc"
-    spec = specs.resolve("tiny-vl", model_format="gptq", quantization="int8", catalogue=cat)
+    spec = resolve(model_name="tiny-vl", model_format="gptq", quantization="int8", catalogue=cat)
     assert spec.size_in_billions == "0_5"
     assert spec.sources[0].model_id == "org/tiny-0.5B-GPTQ-Int8"
     assert spec.sources[0].revision == "main"  # default branch when no revision is given
@@ -227,7 +231,7 @@ def test_validation_errors_name_file_spec_and_key(tmp_path, old, new, fragments)
     assert old in text, old
     path = write(tmp_path, text.replace(old, new, 1))
     with pytest.raises(CatalogueError) as info:
-        specs.load_file(path)
+        load_file(path)
     message = info.value.message
     assert str(path) in message
     for fragment in fragments:
@@ -238,7 +242,7 @@ def test_validation_errors_name_file_spec_and_key(tmp_path, old, new, fragments)
 def test_invalid_yaml_syntax_names_the_line(tmp_path):
     path = write(tmp_path, "family: [unclosed\nspecs: []\n")
     with pytest.raises(CatalogueError, match=r"not valid YAML at line \d+"):
-        specs.load_file(path)
+        load_file(path)
 
 
 # --- user spec directory --------------------------------------------------------------
@@ -247,7 +251,7 @@ def test_user_specs_dir_adds_a_family(tmp_path):
     user = tmp_path / "specs"
     user.mkdir()
     write(user, GOOD)
-    cat = specs.load_catalogue(user_dir=user)
+    cat = load_catalogue(user_dir=user)
     assert cat.names() == ["qwen2-vl-instruct", "tiny-vl"]
 
 
@@ -255,7 +259,7 @@ def test_user_specs_dir_defaults_to_qvl_home(tmp_path, monkeypatch):
     monkeypatch.setenv("QVL_HOME", str(tmp_path))
     (tmp_path / "specs").mkdir()
     write(tmp_path / "specs", GOOD)
-    assert "tiny-vl" in specs.load_catalogue().names()
+    assert "tiny-vl" in load_catalogue().names()
 
 
 def test_user_family_with_builtin_name_needs_overrides(tmp_path):
@@ -264,13 +268,13 @@ def test_user_family_with_builtin_name_needs_overrides(tmp_path):
     text = textwrap.dedent(GOOD).replace("name: tiny-vl", "name: qwen2-vl-instruct")
     write(user, text)
     with pytest.raises(CatalogueError, match="is a built-in model") as info:
-        specs.load_catalogue(user_dir=user)
+        load_catalogue(user_dir=user)
     assert "overrides: true" in info.value.hint
     write(user, text.replace("  engines: [transformers]", "  engines: [transformers]\n  overrides: true"))
-    cat = specs.load_catalogue(user_dir=user)
+    cat = load_catalogue(user_dir=user)
     fam = cat.family("qwen2-vl-instruct")
     assert fam.overrides and fam.context_length == 4096
-    assert specs.resolve(size_in_billions="1.5", catalogue=cat).model_id == "org/tiny-1.5B"
+    assert resolve(size_in_billions="1.5", catalogue=cat).model_id == "org/tiny-1.5B"
 
 
 def test_two_user_files_with_the_same_family_are_an_error(tmp_path):
@@ -279,27 +283,27 @@ def test_two_user_files_with_the_same_family_are_an_error(tmp_path):
     write(user, GOOD, "a.yaml")
     write(user, GOOD, "b.yaml")
     with pytest.raises(CatalogueError, match="also defined in"):
-        specs.load_catalogue(user_dir=user)
+        load_catalogue(user_dir=user)
 
 
 def test_filter_rows(catalogue):
-    rows = specs.filter_rows(catalogue, model_format="GPTQ", size_in_billions="72")
+    rows = filter_rows(catalogue, model_format="GPTQ", size_in_billions="72")
     assert [r["quantization"] for r in rows] == ["Int4", "Int8"]
-    assert len(specs.filter_rows(catalogue, quantization="int4")) == 6  # 2B, 7B x gptq, awq; 72B awq, gptq
+    assert len(filter_rows(catalogue, quantization="int4")) == 6  # 2B, 7B x gptq, awq; 72B awq, gptq
     with pytest.raises(NoMatchingSpec, match="did you mean awq"):
-        specs.filter_rows(catalogue, model_format="awk")
+        filter_rows(catalogue, model_format="awk")
 
 
 # --- the validated JSON copy ----------------------------------------------------------
 
 def test_catalogue_copy_is_reused_and_equal_to_the_yaml(tmp_path, monkeypatch):
-    from qvl_cli import spec_cache
+    from qwenvl_cli.catalogue import load as catalogue_load
 
     monkeypatch.setenv("QVL_HOME", str(tmp_path / "home"))
-    first = specs.load_catalogue()
-    assert spec_cache.cache_file().exists()
-    monkeypatch.setattr(specs, "_merge", lambda *a: pytest.fail("the YAML was read again"))
-    assert specs.load_catalogue() == first
+    first = load_catalogue()
+    assert catalogue_load.copy_file().exists()
+    monkeypatch.setattr(catalogue_load, "_merge", lambda *a: pytest.fail("the YAML was read again"))
+    assert load_catalogue() == first
 
 
 def test_catalogue_copy_goes_stale_when_a_file_changes(tmp_path, monkeypatch):
@@ -307,23 +311,23 @@ def test_catalogue_copy_goes_stale_when_a_file_changes(tmp_path, monkeypatch):
     user = tmp_path / "home" / "specs"
     user.mkdir(parents=True)
     path = write(user, GOOD)
-    assert "tiny-vl" in specs.load_catalogue().names()
+    assert "tiny-vl" in load_catalogue().names()
     path.write_text(textwrap.dedent(GOOD).replace("name: tiny-vl", "name: tiny-vl-two"))
-    assert "tiny-vl-two" in specs.load_catalogue().names()
+    assert "tiny-vl-two" in load_catalogue().names()
     path.unlink()
-    assert specs.load_catalogue().names() == ["qwen2-vl-instruct"]
+    assert load_catalogue().names() == ["qwen2-vl-instruct"]
     write(user, textwrap.dedent(GOOD).replace("context_length: 4096", "context_length: big"))
     with pytest.raises(CatalogueError):  # a bad file is an error, never hidden by the copy
-        specs.load_catalogue()
+        load_catalogue()
 
 
 def test_a_broken_copy_is_ignored(tmp_path, monkeypatch):
-    from qvl_cli import spec_cache
+    from qwenvl_cli.catalogue import load as catalogue_load
 
     monkeypatch.setenv("QVL_HOME", str(tmp_path / "home"))
-    first = specs.load_catalogue()
-    spec_cache.cache_file().write_text('{"key": "x", "families": ')
-    assert specs.load_catalogue() == first
+    first = load_catalogue()
+    catalogue_load.copy_file().write_text('{"key": "x", "families": ')
+    assert load_catalogue() == first
 
 
 def test_second_start_imports_no_yaml(tmp_path):
@@ -333,7 +337,7 @@ def test_second_start_imports_no_yaml(tmp_path):
 
     from conftest import qvl_env
 
-    code = ("import sys\nfrom qvl_cli import specs\nspecs.load_catalogue()\n"
+    code = ("import sys\nfrom qwenvl_cli.catalogue import load\nload.load_catalogue()\n"
             "print('yaml' in sys.modules)")
     env = qvl_env({"QVL_HOME": str(tmp_path / "home")})
     runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -343,8 +347,8 @@ def test_second_start_imports_no_yaml(tmp_path):
 
 def test_a_quantization_this_format_lacks_names_the_formats_that_have_it(catalogue):
     with pytest.raises(NoMatchingSpec) as info:
-        specs.resolve(quantization="Int4", catalogue=catalogue)  # the format defaulted to pytorch
+        resolve(quantization="Int4", catalogue=catalogue)  # the format defaulted to pytorch
     assert "Int4 exists for -f gptq (2B, 7B, 72B); -f awq (2B, 7B, 72B)" in info.value.hint
     with pytest.raises(NoMatchingSpec) as info:
-        specs.resolve(size_in_billions="72", model_format="awq", quantization="int8", catalogue=catalogue)
+        resolve(size_in_billions="72", model_format="awq", quantization="int8", catalogue=catalogue)
     assert "exists for -f gptq (72B)" in info.value.hint

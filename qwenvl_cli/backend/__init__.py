@@ -1,0 +1,1 @@
+"""Where answers come from: a model loaded in this process (local) or a launched server (remote)."""

@@ -1,0 +1,1 @@
+"""`qvl batch`: JSONL in and out, batched, resumable (see docs/batch.md)."""

@@ -1,0 +1,1 @@
+"""`qvl chat`: the REPL state machine and the command's work."""

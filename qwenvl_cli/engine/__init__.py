@@ -1,0 +1,1 @@
+"""The engines: the only wing that imports torch and transformers."""

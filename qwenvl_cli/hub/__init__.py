@@ -1,0 +1,1 @@
+"""Downloads from Hugging Face and ModelScope into their own caches, and the cache commands."""
