@@ -5,7 +5,7 @@ config, chat template, byte-level BPE tokenizer with the Qwen2 special tokens, s
 with the checkpoint's own tensor names, optionally in shards with an index), only with tiny
 dimensions and a tokenizer trained here on a small built-in corpus. Same seed, same bytes.
 
-    python scripts/make_tiny_model.py OUT_DIR [--seed N] [--shards N]
+    python scripts/make_tiny_model.py OUT_DIR [--seed N] [--shards N] [--head-size 16|32|64]
 """
 
 from __future__ import annotations
@@ -126,8 +126,17 @@ def _vocab_size() -> int:
 
 def train_tokenizer():
     """A byte-level BPE tokenizer shaped like Qwen2's, trained on CORPUS, with the specials."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                                fuse_unk=False, byte_fallback=False))
@@ -185,9 +194,21 @@ def write_tokenizer(out: Path) -> dict[str, int]:
     return ids
 
 
-def model_config(ids: dict[str, int]) -> dict:
+def text_dims(head_size: int = 16) -> dict:
+    """TEXT with the attention head size changed (hidden_size stays 64): vLLM's CPU attention
+    rejects head size 16, accepts 32 and 64. mrope_section must sum to head_size / 2 and keeps
+    the published 2:3:3 split (the real 2B model: head 128, [16, 24, 24])."""
+    if head_size not in (16, 32, 64):
+        raise ValueError("head size must be 16, 32 or 64")
+    heads = TEXT["hidden_size"] // head_size
+    unit = head_size // 16
+    return {**TEXT, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
+            "mrope_section": [2 * unit, 3 * unit, 3 * unit]}
+
+
+def model_config(ids: dict[str, int], head_size: int = 16) -> dict:
     """config.json in the flat layout of the published Qwen2-VL configs."""
-    text = dict(TEXT)
+    text = text_dims(head_size)
     mrope = text.pop("mrope_section")
     return {
         "architectures": ["Qwen2VLForConditionalGeneration"],
@@ -308,12 +329,12 @@ def save_weights(out: Path, tensors: dict, shards: int) -> None:
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def make_tiny_model(out_dir: Path, seed: int = 0, shards: int = 1) -> Path:
+def make_tiny_model(out_dir: Path, seed: int = 0, shards: int = 1, head_size: int = 16) -> Path:
     """Write the tiny checkpoint into out_dir (created if needed) and return it."""
     if shards < 1:  # before the (slower) weights
         raise ValueError("shards must be at least 1")
     ids = _ids()
-    config = model_config(ids)
+    config = model_config(ids, head_size)
     tensors = random_weights(config, seed)
     if not 1 <= shards <= len(tensors):
         raise ValueError(f"shards must be between 1 and {len(tensors)} (the number of tensors)")
@@ -334,9 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--head-size", type=int, default=16, choices=(16, 32, 64),
+                        help="text attention head size (vLLM's CPU attention needs 32 or 64)")
     args = parser.parse_args(argv)
     try:
-        out = make_tiny_model(args.out_dir, seed=args.seed, shards=args.shards)
+        out = make_tiny_model(args.out_dir, seed=args.seed, shards=args.shards,
+                              head_size=args.head_size)
     except ValueError as error:
         parser.error(f"--shards: {error}")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

@@ -39,7 +39,7 @@ def test_list_specs_table_and_json():
     data = json.loads(runner.invoke(app, ["list-specs", "--json"]).stdout)
     assert len(data) == 12
     assert {d["model_format"] for d in data} == {"pytorch", "gptq", "awq"}
-    assert all(d["engines"] == ["transformers"] for d in data)
+    assert all(d["engines"] == ["transformers", "vllm"] for d in data)
 
 
 def test_list_specs_filters():

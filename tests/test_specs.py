@@ -55,7 +55,7 @@ def test_shipped_catalogue_has_eleven_specs_and_twelve_rows(catalogue):
     assert fam.languages == ("en", "zh")
     assert fam.abilities == ("chat", "vision")
     assert fam.architecture == "Qwen2VLForConditionalGeneration"
-    assert fam.engines == ("transformers",)
+    assert fam.engines == ("transformers", "vllm")
     assert set(fam.stop_token_ids) == {151645, 151643}
     assert fam.description.startswith("Qwen2-VL: To See the World More Clearly.")
 
@@ -127,7 +127,7 @@ def test_matching_is_case_insensitive(catalogue):
     ({"size_in_billions": "seven"}, "not a number", "2, 7, 72"),
     ({"model_format": "awq", "quantization": "Int8"}, "quantization 'Int8'", "Int4"),
     ({"model_name": "qwen2-vl-instrukt"}, "did you mean qwen2-vl-instruct", "qwen2-vl-instruct"),
-    ({"model_engine": "vllm"}, "engine 'vllm'", "transformers"),
+    ({"model_engine": "llama.cpp"}, "engine 'llama.cpp'", "transformers, vllm"),
     ({"hub": "hugginface"}, "did you mean huggingface", "auto"),
 ])
 def test_no_match_names_the_value_and_valid_choices(catalogue, kwargs, fragment, hint_fragment):

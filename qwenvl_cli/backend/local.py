@@ -51,11 +51,16 @@ def resolve_for_loading(query: SpecQuery, engine_options: EngineOptions, model_p
 
     Returns (spec or None, engine options)."""
     gpu_idx = ",".join(map(str, engine_options.gpu_idx)) if engine_options.gpu_idx else None
+    vllm = engine_options.engine == "vllm"  # vLLM has its own AWQ / GPTQ kernels
     result = check_spec(query, gpu_idx=gpu_idx, device=engine_options.device, model_path=model_path,
-                        force=force, quiet=quiet)
+                        force=force, quiet=quiet, need_backend=not vllm)
     if result is None:
         return None, engine_options
     options = replace(engine_options, model_format=result.spec.model_format)
+    if vllm:  # -s auto may have picked a format vLLM cannot serve here
+        from qwenvl_cli.engine.vllm_check import check_format
+
+        check_format(options, options.model_format)
     if result.placement and not (options.gpu_idx or options.n_gpu) and options.device != "cpu":
         options = replace(options, gpu_idx=tuple(g.index for g in result.placement.gpus))
     return result.spec, options
@@ -65,7 +70,7 @@ def load_engine(request: LocalRequest, engine_options: EngineOptions) -> tuple[E
     """Download (if needed) and load the model in this process; report the load on stderr.
 
     Returns the Engine and the name to show for it."""
-    from qwenvl_cli.engine.engine import Engine
+    from qwenvl_cli.engine.choose import engine_class
     from qwenvl_cli.hub import download as hub
 
     if request.model_path:
@@ -76,7 +81,7 @@ def load_engine(request: LocalRequest, engine_options: EngineOptions) -> tuple[E
     name = request.spec.label() if request.spec is not None and not request.model_path else str(local.path)
     context = request.spec.family.context_length if request.spec is not None else None
     with render.spinner(f"loading {name}", quiet=request.quiet):
-        engine = Engine.load(local.path, engine_options, context_length=context)
+        engine = engine_class(engine_options).load(local.path, engine_options, context_length=context)
     for note in engine.notes:
         render.warn(note)
     if not request.quiet:

@@ -16,7 +16,8 @@ ModelName = Annotated[Optional[str], typer.Option(
     "--model-name", "-n", metavar="NAME", help="Model family (default: qwen2-vl-instruct).",
     rich_help_panel=SPEC_PANEL, show_default=False)]
 ModelEngine = Annotated[Optional[str], typer.Option(
-    "--model-engine", "-en", metavar="ENGINE", help="Inference engine (default: transformers).",
+    "--model-engine", "-en", metavar="ENGINE", help="Inference engine: transformers (default) or vllm "
+    "(needs vLLM installed: pip install \"qvl[vllm]\"; see docs/engines.md).",
     rich_help_panel=SPEC_PANEL, show_default=False)]
 SizeInBillions = Annotated[Optional[str], typer.Option(
     "--size-in-billions", "-s", metavar="SIZE", help="Model size in billions: 2, 7, 72 (1.5 or 1_5 for fractions), "
@@ -74,7 +75,8 @@ ENGINE_PANEL = "Engine"
 Device = Annotated[str, typer.Option(
     "--device", metavar="DEVICE", help="auto (CUDA when available), cuda or cpu.", rich_help_panel=ENGINE_PANEL)]
 NGpu = Annotated[Optional[int], typer.Option(
-    "--n-gpu", metavar="N", help="Spread the model over the first N GPUs (accelerate device_map).",
+    "--n-gpu", metavar="N", help="Spread the model over the first N GPUs (transformers: accelerate "
+    "device_map; vllm: tensor parallel N). --gpu-idx 0,1 also sets the count.",
     rich_help_panel=ENGINE_PANEL, show_default=False)]
 MaxMemory = Annotated[Optional[str], typer.Option(
     "--max-memory", metavar="MEM", help="Memory per GPU for the weights: 20GiB, or 0=20GiB,1=30GiB.",
@@ -99,6 +101,26 @@ DecodeLoop = Annotated[str, typer.Option(
 GpuPreprocess = Annotated[str, typer.Option(
     "--gpu-preprocess", metavar="auto|on|off", help="Normalise and patch images and video frames on the "
     "GPU (auto: on CUDA).", rich_help_panel=ENGINE_PANEL)]
+
+VLLM_PANEL = "vLLM engine (--model-engine vllm)"
+
+PipelineParallel = Annotated[Optional[int], typer.Option(
+    "--pipeline-parallel", metavar="P", min=1, help="Pipeline stages (vLLM pipeline_parallel_size; default 1); "
+    "uses N x P GPUs with --n-gpu N.", rich_help_panel=VLLM_PANEL, show_default=False)]
+GpuMemoryUtilization = Annotated[Optional[float], typer.Option(
+    "--gpu-memory-utilization", metavar="F", help="Share of each GPU vLLM takes for weights, activations and "
+    "KV cache (default 0.9).", rich_help_panel=VLLM_PANEL, show_default=False)]
+MaxModelLen = Annotated[Optional[int], typer.Option(
+    "--max-model-len", metavar="N", min=1, help="Longest sequence (prompt + answer) vLLM plans its KV cache "
+    "for (default: the spec's context length, 32768; the checkpoint's with --model-path).",
+    rich_help_panel=VLLM_PANEL, show_default=False)]
+EnforceEager = Annotated[bool, typer.Option(
+    "--enforce-eager", help="Run vLLM without CUDA graphs (default: graphs on GPUs; always eager on CPU).",
+    rich_help_panel=VLLM_PANEL)]
+RayAddress = Annotated[Optional[str], typer.Option(
+    "--ray-address", metavar="ADDR", help="Run vLLM's Ray executor on this existing Ray cluster (e.g. "
+    "head-node:6379) to span several machines (default: one machine, no Ray).",
+    rich_help_panel=VLLM_PANEL, show_default=False)]
 
 # --- media -------------------------------------------------------------------------------
 
@@ -209,10 +231,13 @@ def examples(*lines: str) -> str:
 
 def engine_options(device: str, gpu_idx: str | None, n_gpu: int | None, max_memory: str | None, dtype: str,
                    attn: str, decode_loop: str = "auto", compile_mode: str = "auto", static_cache: str = "auto",
-                   gpu_preprocess: str = "auto", warmup: bool = False):
+                   gpu_preprocess: str = "auto", warmup: bool = False, model_engine: str | None = None,
+                   model_format: str | None = None, **vllm_flags):
     """The engine flags -> EngineOptions through the one builder (engine.options.build), which
-    checks every value before anything is downloaded."""
+    checks every value before anything is downloaded (with --model-engine vllm: that vLLM is
+    installed and serves these flags). ``vllm_flags``: pipeline_parallel, gpu_memory_utilization,
+    max_model_len, enforce_eager, ray_address."""
     from qwenvl_cli.engine.options import build
 
     return build(device, gpu_idx, n_gpu, max_memory, dtype, attn, decode_loop, compile_mode, static_cache,
-                 gpu_preprocess, warmup)
+                 gpu_preprocess, warmup, engine=model_engine, model_format=model_format, **vllm_flags)

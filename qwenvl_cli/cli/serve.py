@@ -18,15 +18,18 @@ from qwenvl_cli.cli.options import (
     Device,
     DownloadHub,
     Dtype,
+    EnforceEager,
     Force,
     Foreground,
     GpuIdx,
+    GpuMemoryUtilization,
     GpuPreprocess,
     Host,
     JsonOutput,
     MaxBatch,
     MaxBodyMb,
     MaxMemory,
+    MaxModelLen,
     MaxPixels,
     MaxQueue,
     ModelEngine,
@@ -36,9 +39,11 @@ from qwenvl_cli.cli.options import (
     ModelUid,
     NGpu,
     Offline,
+    PipelineParallel,
     Port,
     Quantization,
     Quiet,
+    RayAddress,
     Revision,
     SizeInBillions,
     StaticCache,
@@ -55,6 +60,8 @@ def launch(
     device: Device = "auto", gpu_idx: GpuIdx = None, n_gpu: NGpu = None, max_memory: MaxMemory = None,
     dtype: Dtype = "auto", attn: Attn = "auto", compile_mode: Compile = "auto", static_cache: StaticCache = "auto",
     decode_loop: DecodeLoop = "auto", gpu_preprocess: GpuPreprocess = "auto",
+    pipeline_parallel: PipelineParallel = None, gpu_memory_utilization: GpuMemoryUtilization = None,
+    max_model_len: MaxModelLen = None, enforce_eager: EnforceEager = False, ray_address: RayAddress = None,
     context_length: ContextLength = None, max_pixels: MaxPixels = None, force: Force = False,
     model_uid: ModelUid = None, host: Host = "127.0.0.1", port: Port = None, api_key: ApiKey = None,
     foreground: Foreground = False, allow_local_media: AllowLocalMedia = None,
@@ -71,7 +78,10 @@ def launch(
     key = launcher.default_api_key(api_key)
     launcher.warn_exposed(host, key)
     engine = engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn, decode_loop, compile_mode,
-                            static_cache, gpu_preprocess, warmup=True)
+                            static_cache, gpu_preprocess, warmup=True,
+                            model_engine=model_engine, model_format=model_format, pipeline_parallel=pipeline_parallel,
+                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                            enforce_eager=enforce_eager, ray_address=ray_address)
     launcher.check_port_free(host, port)
     query = SpecQuery(model_name, model_engine, size_in_billions, model_format, quantization, download_hub)
     choice = launcher.choose_model(query, model_path, memory.workload(context_length, max_pixels), gpu_idx, force,

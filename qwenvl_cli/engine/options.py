@@ -22,6 +22,7 @@ ATTNS = ("auto", "sdpa", "flash_attention_2", "eager")
 COMPILE_MODES = ("auto", "on", "graphs", "off")
 SWITCHES = ("auto", "on", "off")
 DECODE_LOOPS = ("auto", "qvl", "generate")
+ENGINES = ("transformers", "vllm")
 _MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|mib|mb)?\s*$", re.I)
 
 
@@ -40,6 +41,20 @@ class EngineOptions:
     static_cache: str = "auto"  # auto | on | off
     gpu_preprocess: str = "auto"  # auto | on | off: image normalisation on the GPU
     warmup: bool = False  # compile / capture the decode step at load (servers)
+    # Which engine loads the model, and vLLM's own settings (engine.vllm; unused by transformers).
+    engine: str = "transformers"  # transformers | vllm
+    pipeline_parallel: int | None = None  # vLLM pipeline_parallel_size (default 1)
+    gpu_memory_utilization: float | None = None  # vLLM's share of each GPU (default 0.9)
+    max_model_len: int | None = None  # vLLM's longest sequence (default: the spec's context length)
+    enforce_eager: bool = False  # vLLM without CUDA graphs
+    ray_address: str | None = None  # vLLM's Ray executor on this cluster
+
+    @property
+    def parallel(self) -> int:
+        """GPUs one copy of the model spans: tensor parallel (--n-gpu / --gpu-idx) times
+        pipeline parallel. transformers spreads layers over the same count (device_map)."""
+        tensor = len(self.gpu_idx) if self.gpu_idx else (self.n_gpu or 1)
+        return tensor * (self.pipeline_parallel or 1)
 
 
 def choice(flag: str, value: str | None, allowed: Iterable[str]) -> str:
@@ -52,8 +67,14 @@ def choice(flag: str, value: str | None, allowed: Iterable[str]) -> str:
 def build(device: str = "auto", gpu_idx: str | None = None, n_gpu: int | None = None,
           max_memory: str | None = None, dtype: str = "auto", attn: str = "auto",
           decode_loop: str = "auto", compile: str = "auto", static_cache: str = "auto",
-          gpu_preprocess: str = "auto", warmup: bool = False) -> EngineOptions:
-    """The engine flags -> EngineOptions, every value checked now (UsageError, exit 2)."""
+          gpu_preprocess: str = "auto", warmup: bool = False, engine: str | None = None,
+          model_format: str | None = None, **vllm_flags) -> EngineOptions:
+    """The engine flags -> EngineOptions, every value checked now (UsageError, exit 2).
+
+    ``engine`` is --model-engine (None: transformers, the catalogue's first engine);
+    ``vllm_flags`` are vLLM's (pipeline_parallel, gpu_memory_utilization, max_model_len,
+    enforce_eager, ray_address), refused with the transformers engine. With vLLM, whether it is
+    installed and whether it serves these flags and --model-format is checked here too."""
     device = choice("--device", device, DEVICES)
     dtype = (dtype or "auto").lower()
     if dtype != "auto" and dtype not in DTYPES:
@@ -62,12 +83,25 @@ def build(device: str = "auto", gpu_idx: str | None = None, n_gpu: int | None = 
         raise UsageError(f"--n-gpu {n_gpu} must be at least 1", "give the number of GPUs to use, e.g. --n-gpu 2")
     if max_memory:
         parse_max_memory(max_memory, tuple(range(64)))  # the syntax; GPU numbers are checked at load
-    return EngineOptions(device=device, gpu_idx=parse_gpu_idx(gpu_idx), n_gpu=n_gpu, max_memory=max_memory,
-                         dtype=dtype, attn=choice("--attn", attn, ATTNS),
-                         decode_loop=choice("--decode-loop", decode_loop, DECODE_LOOPS),
-                         compile=choice("--compile", compile, COMPILE_MODES),
-                         static_cache=choice("--static-cache", static_cache, SWITCHES),
-                         gpu_preprocess=choice("--gpu-preprocess", gpu_preprocess, SWITCHES), warmup=warmup)
+    options = EngineOptions(device=device, gpu_idx=parse_gpu_idx(gpu_idx), n_gpu=n_gpu, max_memory=max_memory,
+                            dtype=dtype, attn=choice("--attn", attn, ATTNS),
+                            decode_loop=choice("--decode-loop", decode_loop, DECODE_LOOPS),
+                            compile=choice("--compile", compile, COMPILE_MODES),
+                            static_cache=choice("--static-cache", static_cache, SWITCHES),
+                            gpu_preprocess=choice("--gpu-preprocess", gpu_preprocess, SWITCHES), warmup=warmup,
+                            engine=choice("--model-engine", engine or "transformers", ENGINES),
+                            **{k: v for k, v in vllm_flags.items() if v not in (None, False)})
+    if options.engine == "vllm":
+        from qwenvl_cli.engine.vllm_check import check_options
+
+        check_options(options, model_format)
+    else:
+        given = sorted(f"--{k.replace('_', '-')}" for k, v in vllm_flags.items() if v not in (None, False))
+        if given:
+            raise UsageError(f"{', '.join(given)} {'is a' if len(given) == 1 else 'are'} vLLM flag"
+                             f"{'' if len(given) == 1 else 's'}; the transformers engine has no such setting",
+                             "add --model-engine vllm, or leave the flag out")
+    return options
 
 
 def parse_max_memory(value: str | None, gpus: tuple[int, ...]) -> dict[int, str] | None:
@@ -88,3 +122,4 @@ def parse_max_memory(value: str | None, gpus: tuple[int, ...]) -> dict[int, str]
                              f"GPUs in use: {', '.join(map(str, gpus)) or 'none'}")
         out.update({t: size for t in targets})
     return out
+

@@ -304,14 +304,15 @@ def _gpu_memory(engine: Any) -> int | None:
 def _load(state: ServerState, server: Any, entry: registry.Entry, announce: Announce) -> None:
     config = state.config
     try:
-        from qwenvl_cli.engine.engine import Engine
+        from qwenvl_cli.engine.choose import engine_class
         from qwenvl_cli.engine.options import EngineOptions
 
         announce({"event": "status", "message": f"loading the model from {config.model_path}"})
         options = dict(config.engine)
         options["gpu_idx"] = tuple(options["gpu_idx"]) if options.get("gpu_idx") else None
         warmup = options.pop("warmup", False)
-        engine = Engine.load(config.model_path, EngineOptions(**options), config.context_length)
+        engine_options = EngineOptions(**options)
+        engine = engine_class(engine_options).load(config.model_path, engine_options, config.context_length)
         if warmup and engine.decoder.config.step in ("compile", "cuda-graph"):
             announce({"event": "status", "message": f"preparing the decode step ({engine.decoder.config.describe()}; "
                       "once, before serving)"})
