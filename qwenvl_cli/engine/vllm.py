@@ -377,7 +377,8 @@ def vllm_prompt(text: str, images: list[Any], videos: list[Any], fps: Sequence[f
     if data:
         prompt["multi_modal_data"] = data
         pixels = [info.resized_width * info.resized_height for info in infos]
-        prompt["mm_processor_kwargs"] = {"min_pixels": min(pixels), "max_pixels": max(pixels)}
+        # transformers' spelling of min_pixels / max_pixels (the old names go in 5.23)
+        prompt["mm_processor_kwargs"] = {"size": {"shortest_edge": min(pixels), "longest_edge": max(pixels)}}
     return prompt
 
 
@@ -417,7 +418,7 @@ def _quiet_vllm() -> None:
     from qwenvl_cli import settings
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if settings.debug() else "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if settings.debug() else "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not settings.debug():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
