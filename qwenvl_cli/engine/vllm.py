@@ -348,7 +348,8 @@ def llm_kwargs(path: Path, options: EngineOptions, context_length: int | None) -
         "pipeline_parallel_size": pipeline, "enforce_eager": options.enforce_eager or on_cpu,
         "limit_mm_per_prompt": {"image": MAX_IMAGES, "video": MAX_VIDEOS},
         # vLLM sizes its encoder cache and profiling for qvl's largest image, not the processor's
-        "mm_processor_kwargs": {"max_pixels": defaults.image_max_pixels},
+        "mm_processor_kwargs": {"size": {"shortest_edge": defaults.image_min_pixels,
+                                         "longest_edge": defaults.image_max_pixels}},
     }
     if options.max_model_len or context_length:
         kwargs["max_model_len"] = options.max_model_len or context_length
