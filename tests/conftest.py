@@ -93,6 +93,13 @@ def tiny_model_sharded(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_hs32(tmp_path_factory) -> Path:
+    """The tiny checkpoint with text attention head size 32, which vLLM's CPU attention accepts
+    (it rejects 16); built once (tests/test_vllm*.py)."""
+    return _build_tiny_model(tmp_path_factory, "tiny-qwen2-vl-hs32", head_size=32)
+
+
+@pytest.fixture(scope="session")
 def quantized_fixtures(tiny_model, tmp_path_factory) -> dict:
     """{"awq" | "gptq-int4" | "gptq-int8": folder}: the tiny checkpoint in the published AWQ /
     GPTQ formats (pure torch + safetensors, made once; loading them needs qvl[quant])."""

@@ -11,7 +11,6 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import _build_tiny_model  # noqa: E402
 from media_fixtures import make_image, make_video  # noqa: E402
 
 from qwenvl_cli.engine.engine import Engine  # noqa: E402
@@ -24,11 +23,6 @@ NEAR_TIE = 0.01  # a token may differ only where the reference's top-two logits 
 GREEDY = GenerationParams(max_tokens=MAX_NEW, temperature=0)
 
 
-@pytest.fixture(scope="session")
-def tiny32(tmp_path_factory):
-    return _build_tiny_model(tmp_path_factory, "tiny-qwen2-vl-hs32", head_size=32)
-
-
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-media")
@@ -38,14 +32,14 @@ def media(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engines(tiny32, tmp_path_factory):
+def engines(tiny_model_hs32, tmp_path_factory):
     import os
 
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
     from qwenvl_cli.engine.vllm import VllmEngine
 
-    vllm = VllmEngine.load(tiny32, build(device="cpu", dtype="float32", engine="vllm"), 4096)
-    reference = Engine.load(tiny32, build(device="cpu", dtype="float32"), 4096)
+    vllm = VllmEngine.load(tiny_model_hs32, build(device="cpu", dtype="float32", engine="vllm"), 4096)
+    reference = Engine.load(tiny_model_hs32, build(device="cpu", dtype="float32"), 4096)
     yield vllm, reference
     vllm.close()
 

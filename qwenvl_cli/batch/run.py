@@ -158,10 +158,17 @@ def _load(request: BatchCommand, spec: Any, options: Any) -> Any:
     return engine
 
 
+VLLM_BATCH = 64  # requests handed to vLLM together with --batch-size auto
+
+
 def _sizing(engine: Any, requests: list[Request], size: int | None, max_pixels: int | None) -> batch_plan.Sizing:
     """The batch size given, or the one --batch-size auto picks for the largest request."""
     if size is not None:
         return batch_plan.Sizing(size, "")
+    if getattr(engine, "name", None) == "vllm":  # vLLM's scheduler fits them into its KV cache
+        size = min(len(requests), VLLM_BATCH)
+        return batch_plan.Sizing(size, f"batch size {size}: handed to vLLM at once (its scheduler "
+                                       "batches them within its KV cache)")
     on_gpu = bool(engine.plan.gpus)
     dims, free = None, None
     if on_gpu:

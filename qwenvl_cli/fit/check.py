@@ -108,6 +108,8 @@ def place(est: Estimate, gpus: tuple[Gpu, ...]) -> Placement | None:
         raise ValueError("free memory unknown")
     ordered = tuple(sorted(gpus, key=lambda g: -g.free))
     for n in range(1, len(ordered) + 1):
+        if not est.splits_into(n):
+            continue
         shares = est.per_gpu(n)
         if all(s <= g.free for s, g in zip(shares, ordered)):
             return Placement(ordered[:len(shares)], shares)
@@ -351,6 +353,8 @@ def resolve_and_check(query: SpecQuery = SpecQuery(), gpu_idx: str | None = None
     """
     catalogue = catalogue if catalogue is not None else load_catalogue()
     report = report if report is not None else gpus_mod.query(gpu_idx)
+    if query.model_engine == "vllm":  # vLLM splits every layer over the GPUs (tensor parallel)
+        workload = replace(workload, tensor_parallel=True)
     choice = None
     if query.size_in_billions is not None and str(query.size_in_billions).strip().lower() == AUTO:
         family = catalogue.family(query.model_name or settings.DEFAULT_MODEL_NAME)

@@ -47,6 +47,9 @@ class Workload:
     max_pixels: int = settings.DEFAULT_MAX_PIXELS  # per image (and per video frame)
     images: int = 1  # images in that prompt, each at max_pixels
     frames: int = 0  # video frames in that prompt (0: no video)
+    # vLLM (--model-engine vllm): tensor parallel, every GPU holds 1/N of every layer, instead
+    # of transformers' device map, where each GPU holds whole layers.
+    tensor_parallel: bool = False
 
 
 def workload(context_length: int | None = None, max_pixels: int | None = None, **more: int) -> Workload:
@@ -77,13 +80,30 @@ class Estimate:
     first_bytes: int
     last_bytes: int
     transient_bytes: int
+    heads: int = 1  # attention heads: a tensor-parallel size must divide them
+    kv_heads: int = 1  # ...and divide the KV heads or be a multiple of them (vLLM replicates)
+    tensor_parallel: bool = False  # how per_gpu splits (see Workload.tensor_parallel)
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.activations + self.overhead
 
+    def splits_into(self, n: int) -> bool:
+        """Whether the model can be spread over ``n`` GPUs (tensor parallel: n divides the heads)."""
+        if not self.tensor_parallel:
+            return 1 <= n <= self.layers
+        return n >= 1 and self.heads % n == 0 and (self.kv_heads % n == 0 or n % self.kv_heads == 0)
+
     def per_gpu(self, n: int) -> tuple[int, ...]:
-        """Bytes on each of ``n`` GPUs; for n=1 this is ``(total,)``."""
+        """Bytes on each of ``n`` GPUs; for n=1 this is ``(total,)``.
+
+        Layers spread (transformers' device map): each GPU holds whole decoder layers, the first
+        also the vision tower. Tensor parallel (vLLM): each GPU holds 1/n of the weights and KV
+        cache, and the whole of the prefill's activations and its CUDA context."""
+        if self.tensor_parallel:
+            n = max(1, n)
+            split = -(-(self.layers * self.layer_bytes + self.first_bytes + self.last_bytes) // n)
+            return (_with_overhead(split + self.transient_bytes),) * n
         n = max(1, min(n, self.layers))
         base, extra = divmod(self.layers, n)
         shares = []
@@ -165,7 +185,8 @@ def compute(dims: ModelDims, label: str, model_format: str, bits: int | None,
         overhead=_with_overhead(live) - live, context_length=context_length,
         prompt_tokens=prompt, visual_tokens=visual, layers=dims.num_hidden_layers,
         layer_bytes=layer_weights + kv_layer, last_bytes=head + logits, transient_bytes=prefill,
-        first_bytes=embed + vision_weights + pixels + max(vision_peak - prefill, 0))
+        first_bytes=embed + vision_weights + pixels + max(vision_peak - prefill, 0),
+        heads=dims.num_attention_heads, kv_heads=dims.num_key_value_heads, tensor_parallel=workload.tensor_parallel)
 
 
 def _activation_parts(dims: ModelDims, prompt: int, visual: int) -> tuple[int, int, int, int]:
