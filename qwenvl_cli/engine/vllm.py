@@ -189,9 +189,9 @@ class VllmEngine:
         if greedy:
             kwargs["temperature"] = 0.0
         else:
-            kwargs["temperature"] = params.temperature if params.temperature is not None else gen.get("temperature", 1.0)
-            kwargs["top_p"] = params.top_p if params.top_p is not None else gen.get("top_p", 1.0)
-            kwargs["top_k"] = params.top_k if params.top_k is not None else gen.get("top_k", 0)
+            for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
+                given = getattr(params, name)
+                kwargs[name] = given if given is not None else gen.get(name, default)
         penalty = params.repetition_penalty if params.repetition_penalty is not None else gen.get("repetition_penalty")
         if penalty is not None:
             kwargs["repetition_penalty"] = penalty
