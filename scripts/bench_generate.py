@@ -230,12 +230,17 @@ def concurrency_run(torch, engine, messages, clients: int, args) -> dict:
             "peak_gb": _peak_gb(torch)}
 
 
-def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model size and the prompt, shared with scripts/bench_vllm.py."""
     parser.add_argument("--size", choices=["2", "7"], default="7")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--image-tokens", type=int, default=1280)
     parser.add_argument("--runs", type=int, default=3)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_arguments(parser)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--concurrency", default="", help="client counts, e.g. 1,4,16")
     parser.add_argument("--requests", type=int, default=2, help="requests per client (--concurrency)")

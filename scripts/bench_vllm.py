@@ -88,10 +88,7 @@ def batch1(engine, messages, args) -> dict:
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["2", "7"], default="7")
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--image-tokens", type=int, default=1280)
-    parser.add_argument("--runs", type=int, default=3)
+    bench_generate.add_workload_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--max-model-len", type=int, default=8192)

@@ -81,7 +81,8 @@ def choose_model(query: SpecQuery, model_path: str | Path | None, workload: Any,
     from qwenvl_cli.hub import download as hub
 
     result = check_spec(query, gpu_idx=gpu_idx, device=device, model_path=model_path, force=force,
-                        workload=workload, quiet=quiet, announce=True)
+                        workload=workload, quiet=quiet, announce=True,
+                        need_backend=query.model_engine != "vllm")  # vLLM has its own AWQ / GPTQ kernels
     spec = result.spec if result is not None else None
     if model_path is not None:
         local = hub.local_model_from_path(model_path, spec)
