@@ -34,10 +34,10 @@ failed=()
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 
 if [[ $mode == smoke ]]; then
-    sizes=(2) tokens=8 runs=1 clients=4 smoke=(--smoke) limit=600
+    sizes=(2) tokens=8 runs=1 clients=4 smoke=(--smoke) limit=600 modes=static
     export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 else
-    sizes=(2 7) tokens=128 runs=2 clients=16 smoke=() limit=0
+    sizes=(2 7) tokens=128 runs=2 clients=16 smoke=() limit=0 modes=graphs
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, remember a failure
@@ -70,7 +70,7 @@ fi
 step pytest-gpu 75 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
 for size in "${sizes[@]}"; do
     step "transformers-${size}b" 75 "$PY" scripts/bench_generate.py --size "$size" --new-tokens "$tokens" \
-        --runs "$runs" --modes graphs --concurrency "1,$clients" --requests 2 "${smoke[@]}" \
+        --runs "$runs" --modes "$modes" --concurrency "1,$clients" --requests 2 "${smoke[@]}" \
         --json "$out/transformers-${size}b.json"
 done
 if "$VPY" -c "import vllm" 2>/dev/null || [[ $mode == dry ]]; then
