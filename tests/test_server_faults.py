@@ -1,0 +1,148 @@
+"""The server under faults, without a model: the scheduler's supervisor, identity removal,
+disconnected clients leaving the queue, shutdown with a grace period, and cut answers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from qwenvl_cli.generation import Chunk, Usage
+from qwenvl_cli.serve import api
+from qwenvl_cli.serve.scheduler import DONE, Cut, QueuedRequest, Scheduler
+
+
+class Params:
+    def __init__(self, tokens: int = 3) -> None:
+        self.tokens = tokens
+
+    def batch_key(self):
+        return "k"
+
+
+class Tensorish:
+    """Compares like a tensor: ``==`` gives something whose truth value raises."""
+
+    def __eq__(self, other):
+        class Ambiguous:
+            def __bool__(self):
+                raise RuntimeError("Boolean value of Tensor with more than one value is ambiguous")
+        return Ambiguous()
+
+
+class Engine:
+    def __init__(self, delay: float = 0.01) -> None:
+        self.delay, self.gate = delay, threading.Event()
+        self.gate.set()
+        self.started: list[str] = []
+
+    def job(self, messages, params, prepared, cancel):
+        return (messages, params, cancel)
+
+    def _tokens(self, name, params, cancel):
+        self.started.append(name)
+        self.gate.wait(10)
+        for i in range(params.tokens):
+            if cancel.is_set():
+                yield Chunk(text="", finish_reason="cancelled")
+                return
+            time.sleep(self.delay)
+            yield Chunk(text=f"{name}{i} ")
+        yield Chunk(finish_reason="length", usage=Usage(1, params.tokens))
+
+    def stream(self, messages, params, prepared=None, cancel=None):
+        yield from self._tokens(messages, params, cancel)
+
+    def run_jobs(self, jobs):
+        for index, (name, params, cancel) in enumerate(jobs):
+            for chunk in self._tokens(name, params, cancel):
+                yield index, chunk
+
+
+def job(name: str, out: dict, tokens: int = 3, prepared=None) -> QueuedRequest:
+    out[name], done = [], threading.Event()
+    out[name + "_done"] = done
+
+    def emit(item):
+        if item is DONE:
+            done.set()
+        else:
+            out[name].append(item)
+    return QueuedRequest(name, Params(tokens), prepared, emit)
+
+
+def test_a_job_queued_behind_an_equal_cancelled_copy_is_removed_by_identity():
+    engine, out = Engine(), {}
+    engine.gate.clear()
+    scheduler = Scheduler(engine, max_batch=4)
+    first = job("first", out)
+    scheduler.submit(first)
+    time.sleep(0.1)  # "first" runs (held by the gate) while the rest queue up
+    retry_a, retry_b = job("same", out, prepared=Tensorish()), job("same2", out, prepared=Tensorish())
+    retry_b.messages, retry_b.params = "same", retry_a.params  # a client's retry: the same request twice
+    retry_a.cancel.set()
+    scheduler.submit(retry_a)
+    scheduler.submit(retry_b)
+    engine.gate.set()
+    assert out["same2_done"].wait(5), "the scheduler thread died"
+    assert scheduler.failure is None and "".join(c.text for c in out["same2"]).startswith("same0")
+    scheduler.close()
+
+
+def test_a_dead_scheduler_fails_the_waiting_requests_with_503_and_reports_it():
+    engine, out, failures = Engine(), {}, []
+    engine.gate.clear()
+    scheduler = Scheduler(engine, on_failure=failures.append)
+    scheduler.submit(job("running", out))
+    time.sleep(0.1)
+    waiting = job("waiting", out)
+    scheduler.submit(waiting)
+
+    def broken_take():
+        raise RuntimeError("injected into the scheduler loop")
+    scheduler._take = broken_take
+    engine.gate.set()
+    assert out["waiting_done"].wait(5)
+    error = out["waiting"][-1]
+    assert isinstance(error, api.Unavailable) and error.status == 503
+    assert "injected" in error.message
+    assert len(failures) == 1 and isinstance(scheduler.failure, RuntimeError)
+    with pytest.raises(api.Unavailable):
+        scheduler.admit()
+
+
+def test_a_disconnected_clients_job_leaves_the_queue_at_once():
+    engine, out = Engine(), {}
+    engine.gate.clear()
+    scheduler = Scheduler(engine, max_pending=4)
+    scheduler.submit(job("running", out))
+    time.sleep(0.1)
+    gone = job("gone", out, prepared=bytearray(10_000_000))
+    scheduler.submit(gone)
+    assert scheduler.stats()["waiting"] == 1
+    scheduler.discard(gone)
+    stats = scheduler.stats()
+    assert stats["waiting"] == 0 and stats["abandoned"] == 1
+    assert out["gone_done"].is_set() and gone.prepared is None  # its memory is freed now
+    engine.gate.set()
+    assert out["running_done"].wait(5) and engine.started == ["running"]
+    scheduler.close()
+
+
+def test_shutdown_waits_the_grace_then_fails_the_queue_with_503_and_cuts_the_running():
+    engine, out = Engine(delay=0.05), {}
+    scheduler = Scheduler(engine)
+    scheduler.submit(job("short", out, tokens=2))
+    scheduler.submit(job("long", out, tokens=1000))
+    scheduler.submit(job("queued", out, tokens=2))
+    time.sleep(0.05)
+    started = time.monotonic()
+    scheduler.close(grace=0.6)
+    assert 0.5 < time.monotonic() - started < 5
+    assert out["short"][-1].finish_reason == "length"  # finished within the grace
+    assert isinstance(out["long"][-1], Cut) and out["long"][-1].status == 503
+    assert not any(getattr(c, "finish_reason", None) in ("stop", "cancelled") for c in out["long"])
+    assert isinstance(out["queued"][-1], api.Unavailable) and out["queued"][-1].status == 503
+    assert scheduler.stats()["cut"] == 1
+    assert all(out[n + "_done"].is_set() for n in ("short", "long", "queued"))
