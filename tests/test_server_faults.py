@@ -146,3 +146,76 @@ def test_shutdown_waits_the_grace_then_fails_the_queue_with_503_and_cuts_the_run
     assert isinstance(out["queued"][-1], api.Unavailable) and out["queued"][-1].status == 503
     assert scheduler.stats()["cut"] == 1
     assert all(out[n + "_done"].is_set() for n in ("short", "long", "queued"))
+
+
+# --- preparation: fetches do not hold up the rest ---------------------------------------------
+
+
+class _Trickle(threading.Thread):
+    """A loopback server that accepts connections and never answers (until stopped)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list = []
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+
+def test_requests_without_a_fetch_pass_the_ones_waiting_on_a_slow_server():
+    from qwenvl_cli.serve import server
+
+    class Tokenizer:
+        def prepare(self, messages, policy=None):
+            return "prepared"
+
+    slow = _Trickle()
+    slow.start()
+    config = api.ServerConfig(uid="m", model_path="/x", allow_remote_media=True, media_timeout=3,
+                              allow_media_domains=("127.0.0.1",))
+    state = server.ServerState(config, None)
+    state.engine = Tokenizer()
+    image = {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{slow.port}/a.png"}}
+    fetching = api.parse_chat({"messages": [{"role": "user", "content": [image]}]}, config)
+    errors = []
+
+    def fetch():
+        try:
+            server._prepare(state, fetching)
+        except Exception as exc:  # noqa: BLE001 - the time-out is expected
+            errors.append(exc)
+    threads = [threading.Thread(target=fetch, daemon=True) for _ in range(server.FETCH_SLOTS + 2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    text = api.parse_chat({"messages": [{"role": "user", "content": "hi"}]}, config)
+    started = time.monotonic()
+    assert server._prepare(state, text)[1] == "prepared"
+    assert time.monotonic() - started < 0.5
+    for thread in threads:
+        thread.join(10)
+    assert len(errors) == len(threads) and all("timed out" in str(e) for e in errors)
+    slow.sock.close()
+
+
+def test_a_broken_inline_video_names_no_temporary_path(tmp_path):
+    import base64
+
+    from qwenvl_cli.errors import MediaError
+    from qwenvl_cli.serve.media import RequestMedia, policy_for
+
+    config = api.ServerConfig(uid="m", model_path="/x")
+    uri = "data:video/mp4;base64," + base64.b64encode(b"not a video at all" * 10).decode()
+    with RequestMedia(policy_for(config)) as media, pytest.raises(MediaError) as err:
+        media.video(uri)
+    import tempfile
+
+    assert tempfile.gettempdir() not in err.value.message and "qvl-request-" not in err.value.message

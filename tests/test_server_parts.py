@@ -301,7 +301,8 @@ def test_remote_media_when_allowed_is_bounded(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        media = _media(tmp_path, allow_remote_media=True, max_body_bytes=200_000)
+        media = _media(tmp_path, allow_remote_media=True, max_body_bytes=200_000,
+                       allow_media_domains=("127.0.0.1",))
         source = media.image(f"{url}/a.png")
         assert (source.width, source.height) == (64, 48)
         with pytest.raises(MediaError, match="larger than the 200000 byte limit"):

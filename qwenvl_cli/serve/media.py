@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from qwenvl_cli.errors import MediaError
+
 _VIDEO_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov",
                    "video/x-matroska": ".mkv", "video/x-msvideo": ".avi"}
 
@@ -31,7 +33,21 @@ def policy_for(config: Any) -> Any:
     return MediaPolicy(allow_local=root is not None, local_root=root,
                        allow_remote=bool(config.allow_remote_media),
                        max_bytes=config.max_body_bytes, timeout=config.media_timeout,
-                       max_image_pixels=config.max_image_pixels)
+                       max_image_pixels=config.max_image_pixels, block_private=True,
+                       allow_domains=tuple(getattr(config, "allow_media_domains", ()) or ()))
+
+
+def needs_fetch(messages: list[dict[str, Any]]) -> bool:
+    """Whether any image or video part of ``messages`` is an http(s) URL (a fetch to wait for)."""
+    for message in messages:
+        for part in message.get("content") or ():
+            if not isinstance(part, dict) or part.get("type") not in ("image", "video"):
+                continue
+            refs = part.get(part["type"])
+            for ref in refs if isinstance(refs, list) else [refs]:
+                if isinstance(ref, str) and ref[:8].lower().startswith(("http://", "https://")):
+                    return True
+    return False
 
 
 class RequestMedia:
@@ -107,7 +123,12 @@ class RequestMedia:
         path = self._tmp / f"video-{self._count}{suffix}"
         path.write_bytes(data)
         private = replace(self.policy, allow_local=True, local_root=self._tmp.resolve())
-        source = resolve_video(str(path), private)
+        try:
+            source = resolve_video(str(path), private)
+        except MediaError as exc:  # name what the client sent, never the server's temporary file
+            shown = label if len(label) <= 80 else label[:77] + "..."
+            message = exc.message.replace(str(path.resolve()), shown).replace(str(path), shown)
+            raise MediaError(message.replace(str(self._tmp), "<request folder>"), exc.hint) from None
         return replace(source, source=label)
 
 

@@ -34,6 +34,7 @@ from qwenvl_cli.serve.scheduler import DONE, QueuedRequest, Scheduler
 
 Announce = Callable[[dict[str, Any]], None]
 PREPARE_SLOTS = 2  # requests decoding media / tokenizing at once, beside the running one
+FETCH_SLOTS = 4  # requests fetching remote media at once; they hold no preparation slot meanwhile
 
 
 class ServerState:
@@ -46,6 +47,7 @@ class ServerState:
         self.stopping = False
         self.created = int(time.time())
         self.prepare_slots = threading.BoundedSemaphore(PREPARE_SLOTS)
+        self.fetch_slots = threading.BoundedSemaphore(FETCH_SLOTS)
         self.on_fatal: Callable[[], None] = lambda: None  # serve() sets it: stop the process
 
     def ready(self, engine: Any) -> None:
@@ -144,13 +146,21 @@ async def _read_body(request: Any, limit: int) -> bytes:
 
 
 def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, Any]], Any]:
-    """Check and decode the media with the server's policy, then tokenize (a worker thread)."""
-    from qwenvl_cli.serve.media import RequestMedia, policy_for
+    """Check and decode the media with the server's policy, then tokenize (a worker thread).
+
+    Fetching remote media holds a fetch slot, not a preparation slot, so requests that need
+    no fetch (text, inline data) pass the ones waiting on a slow server."""
+    import contextlib
+
+    from qwenvl_cli.serve.media import RequestMedia, needs_fetch, policy_for
 
     policy = policy_for(state.config)
-    with state.prepare_slots, RequestMedia(policy) as media:
-        messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
-        return messages, state.engine.prepare(messages, policy)
+    fetching = state.fetch_slots if needs_fetch(chat.messages) else contextlib.nullcontext()
+    with RequestMedia(policy) as media:
+        with fetching:
+            messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
+        with state.prepare_slots:
+            return messages, state.engine.prepare(messages, policy)
 
 
 async def _watch_disconnect(request: Any, ticket: Ticket, job: QueuedRequest) -> None:
