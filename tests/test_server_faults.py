@@ -219,3 +219,45 @@ def test_a_broken_inline_video_names_no_temporary_path(tmp_path):
     import tempfile
 
     assert tempfile.gettempdir() not in err.value.message and "qvl-request-" not in err.value.message
+
+
+# --- per-request sizing bounds ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"min_pixels": 1e12}, "'min_pixels' 1e+12"),
+    ({"min_pixels": 6e7}, "'min_pixels' 6e+07"),
+    ({"min_pixels": 2e7}, "'min_pixels' 2e+07"),
+    ({"max_pixels": 1e300}, "'max_pixels'"),
+    ({"resized_height": float("nan"), "resized_width": 56}, "finite positive"),
+    ({"resized_height": 1e300, "resized_width": 1e300}, "'resized_height' x 'resized_width'"),
+    ({"max_pixels": 1}, "is above max_pixels (1)"),
+])
+def test_sizing_fields_beyond_the_servers_bound_are_refused_before_decoding(tmp_path, extra, words):
+    import base64
+
+    from media_fixtures import make_image
+    from qwenvl_cli.errors import MediaError
+    from qwenvl_cli.serve.media import RequestMedia, policy_for
+
+    config = api.ServerConfig(uid="m", model_path="/x", max_pixels=1000)
+    png = make_image(tmp_path / "a.png", 64, 48).read_bytes()
+    part = {"type": "image", "image": "data:image/png;base64," + base64.b64encode(png).decode(), **extra}
+    with RequestMedia(policy_for(config)) as media, pytest.raises(MediaError) as err:
+        media.resolve([{"role": "user", "content": [part]}])
+    assert words in err.value.message
+    assert api.http_error(err.value).status == 400
+
+
+def test_sizing_within_the_bound_is_kept(tmp_path):
+    import base64
+
+    from media_fixtures import make_image
+    from qwenvl_cli.serve.media import RequestMedia, policy_for
+
+    png = make_image(tmp_path / "a.png", 64, 48).read_bytes()
+    part = {"type": "image", "image": "data:image/png;base64," + base64.b64encode(png).decode(),
+            "min_pixels": 3136, "max_pixels": 200_000}
+    with RequestMedia(policy_for(api.ServerConfig(uid="m", model_path="/x"))) as media:
+        out = media.resolve([{"role": "user", "content": [part]}])
+    assert out[0]["content"][0]["image"].width == 64

@@ -49,6 +49,7 @@ class MediaPolicy:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     block_private: bool = False  # refuse URLs resolving to loopback / private / link-local addresses
     allow_domains: tuple[str, ...] = ()  # hosts exempt from block_private
+    max_item_pixels: int | None = None  # a request's image / frame, after resizing (the server's bound)
 
 
 PERMISSIVE = MediaPolicy()

@@ -27,6 +27,7 @@ _VIDEO_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime"
 
 def policy_for(config: Any) -> Any:
     """The MediaPolicy of a ServerConfig."""
+    from qwenvl_cli.media.sizing import FACTOR, IMAGE_MAX_TOKENS
     from qwenvl_cli.media.sources import MediaPolicy
 
     root = Path(config.allow_local_media).resolve() if config.allow_local_media else None
@@ -34,6 +35,7 @@ def policy_for(config: Any) -> Any:
                        allow_remote=bool(config.allow_remote_media),
                        max_bytes=config.max_body_bytes, timeout=config.media_timeout,
                        max_image_pixels=config.max_image_pixels, block_private=True,
+                       max_item_pixels=config.max_pixels or IMAGE_MAX_TOKENS * FACTOR * FACTOR,
                        allow_domains=tuple(getattr(config, "allow_media_domains", ()) or ()))
 
 
@@ -76,12 +78,22 @@ class RequestMedia:
             parts = []
             for part in message["content"]:
                 if part.get("type") == "image":
+                    self._bounded(part, "image")
                     part = {**part, "image": self.image(part["image"])}
+                    self._bounded(part, "image", (part["image"].width, part["image"].height))
                 elif part.get("type") == "video":
+                    self._bounded(part, "video frame")
                     part = {**part, "video": self.video(part["video"])}
                 parts.append(part)
             out.append({**message, "content": parts})
         return out
+
+    def _bounded(self, part: dict[str, Any], what: str, source: tuple[int, int] | None = None) -> None:
+        """The part's sizing keys within the server's pixel bound (before any pixel is decoded)."""
+        from qwenvl_cli.media.sizing import check_item_bounds
+
+        if self.policy.max_item_pixels is not None:
+            check_item_bounds(part, self.policy.max_item_pixels, what, source)
 
     # --- one reference ----------------------------------------------------------------------
 
