@@ -61,8 +61,8 @@ def _get(url: str, policy: Any, label: str, deadline: float) -> tuple[Any, Any]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
-        raise MediaError(f"{label} leads to a URL that is not http(s): {one_line(url, 80)}",
-                         "pass an http(s) URL (or the final URL of a redirect) directly")
+        raise MediaError(f"{label} redirects to a non-HTTP URL ({one_line(url, 80)})",
+                         "pass the final URL directly")
     host = parts.hostname
     try:
         port = parts.port or (443 if scheme == "https" else 80)
