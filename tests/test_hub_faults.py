@@ -61,3 +61,23 @@ def test_a_disk_filling_up_mid_download_is_one_line_and_the_partial_file_resumes
     ranges = [r.headers.get("range") for r in server.file_requests(SHARD1, "GET")]
     assert ranges == [f"bytes={ROOM}-"]
     assert same_bytes(model.path, model_repo)
+
+
+def test_remove_cache_refuses_a_model_that_another_process_downloads(server, model_repo, tmp_path, qvl):
+    from hubfixtures import spawn_qvl, wait_for
+
+    server.fault("stall", SHARD1, times=1, after=100_000)
+    proc = spawn_qvl("download", "-s", "2", "--download-hub", "huggingface", stderr_path=tmp_path / "err")
+    try:
+        wait_for(server.stalled.is_set, what="the download to start")
+        removed = qvl("remove-cache", "-s", "2", "--download-hub", "huggingface", "--yes")
+        assert removed.returncode == 1, removed.stderr
+        assert "is being downloaded by another qvl process" in removed.stderr
+        assert "unexpected" not in removed.stderr and "Traceback" not in removed.stderr
+    finally:
+        server.release.set()
+    assert proc.wait(timeout=60) == 0, (tmp_path / "err").read_text()
+    assert same_bytes(layout.hf_repo_dir(HF_ID) / "snapshots" / PIN, model_repo)  # nothing deleted under it
+    removed = qvl("remove-cache", "-s", "2", "--download-hub", "huggingface", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    assert not (layout.hf_repo_dir(HF_ID) / "snapshots" / PIN).exists()

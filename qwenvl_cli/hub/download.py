@@ -229,14 +229,21 @@ def _verify_present(listing: Listing, copy: LocalCopy, spec: ResolvedSpec, say: 
 # --- downloading ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _model_lock(hub: str, repo_id: str, say: _Say) -> Iterator[None]:
-    """One qvl download of a model at a time; the second process waits, then reuses."""
-    from filelock import FileLock, Timeout
+def model_lock(hub: str, repo_id: str) -> Any:
+    """The file lock a download of ``repo_id`` holds (remove-cache takes it too)."""
+    from filelock import FileLock
 
     path = settings.locks_dir() / f"{hub}--{repo_id.replace('/', '--')}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
+    return FileLock(str(path))
+
+
+@contextlib.contextmanager
+def _model_lock(hub: str, repo_id: str, say: _Say) -> Iterator[None]:
+    """One qvl download of a model at a time; the second process waits, then reuses."""
+    from filelock import Timeout
+
+    lock = model_lock(hub, repo_id)
     try:
         lock.acquire(timeout=0)
     except Timeout:
