@@ -10,7 +10,7 @@ import pytest
 
 from qwenvl_cli.generation import Chunk, Usage
 from qwenvl_cli.serve import api
-from qwenvl_cli.serve.scheduler import DONE, Cut, QueuedRequest, Scheduler
+from qwenvl_cli.serve.scheduler import Cut, QueuedRequest, Scheduler
 
 
 class Params:
@@ -61,15 +61,12 @@ class Engine:
 
 
 def job(name: str, out: dict, tokens: int = 3, prepared=None) -> QueuedRequest:
-    out[name], done = [], threading.Event()
-    out[name + "_done"] = done
+    """test_server_parts' job, with sampling parameters that batch and a ``prepared`` payload."""
+    from test_server_parts import _job
 
-    def emit(item):
-        if item is DONE:
-            done.set()
-        else:
-            out[name].append(item)
-    return QueuedRequest(name, Params(tokens), prepared, emit)
+    queued = _job(name, tokens, out)
+    queued.params, queued.prepared = Params(tokens), prepared
+    return queued
 
 
 def test_a_job_queued_behind_an_equal_cancelled_copy_is_removed_by_identity():

@@ -298,7 +298,8 @@ def create_app(state: ServerState) -> Any:
         err = api.http_error(translate(exc) or exc)
         if err.status >= 500:
             log(f"error: {type(exc).__name__}: {exc}")
-        return JSONResponse(api.error_body(err), err.status)
+        headers = {"Retry-After": "1"} if err.status in (429, 503) else None  # e.g. out of memory
+        return JSONResponse(api.error_body(err), err.status, headers=headers)
 
     routes = [Route("/health", health), Route("/v1/models", models),
               Route("/v1/models/{name:path}", model),
