@@ -4,7 +4,6 @@ own network (loopback servers only; 169.254.169.254 is refused before any connec
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 import time
 

@@ -258,3 +258,31 @@ def test_sizing_within_the_bound_is_kept(tmp_path):
     with RequestMedia(policy_for(api.ServerConfig(uid="m", model_path="/x"))) as media:
         out = media.resolve([{"role": "user", "content": [part]}])
     assert out[0]["content"][0]["image"].width == 64
+
+
+def test_errors_while_decoding_a_written_video_name_what_the_client_sent(tmp_path):
+    import base64
+    import tempfile
+
+    from media_fixtures import make_video
+    from qwenvl_cli.errors import MediaError
+    from qwenvl_cli.serve.media import RequestMedia, policy_for
+
+    clip = make_video(tmp_path / "c.mp4", seconds=1, fps=4)
+    uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    with RequestMedia(policy_for(api.ServerConfig(uid="m", model_path="/x"))) as media:
+        written = media.video(uri).path
+        with pytest.raises(MediaError) as err, media.scrubbed():
+            raise MediaError(f"{written} is truncated at frame 3", f"re-encode {written}")
+    assert tempfile.gettempdir() not in err.value.message + err.value.hint
+    assert err.value.message.startswith("data:video/mp4") and "frame 3" in err.value.message
+
+
+def test_video_sizing_is_bounded_per_frame():
+    from qwenvl_cli.errors import MediaError
+    from qwenvl_cli.serve.media import RequestMedia, policy_for
+
+    media = RequestMedia(policy_for(api.ServerConfig(uid="m", model_path="/x")))
+    part = {"type": "video", "video": "data:video/mp4;base64,AAAA", "min_pixels": 1e7}
+    with pytest.raises(MediaError, match="'min_pixels' 1e\\+07 of a video frame"):
+        media.resolve([{"role": "user", "content": [part]}])

@@ -17,7 +17,6 @@ What is guaranteed (docs/server.md says the same):
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from qwenvl_cli.generation import Answer
 

@@ -11,15 +11,16 @@ by URL are written to a private temporary folder that the request owns and remov
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from qwenvl_cli.errors import MediaError
 
 _VIDEO_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov",
                    "video/x-matroska": ".mkv", "video/x-msvideo": ".avi"}
@@ -59,6 +60,7 @@ class RequestMedia:
         self.policy = policy
         self._tmp: Path | None = None
         self._count = 0
+        self._labels: dict[Path, str] = {}  # a written file -> what the client sent
 
     def __enter__(self) -> RequestMedia:
         return self
@@ -92,8 +94,13 @@ class RequestMedia:
         """The part's sizing keys within the server's pixel bound (before any pixel is decoded)."""
         from qwenvl_cli.media.sizing import check_item_bounds
 
-        if self.policy.max_item_pixels is not None:
-            check_item_bounds(part, self.policy.max_item_pixels, what, source)
+        from qwenvl_cli.media.sizing import FACTOR, VIDEO_MAX_TOKENS
+
+        limit = self.policy.max_item_pixels
+        if limit is not None:
+            if what == "video frame":  # many frames: qwen-vl-utils' own per-frame ceiling
+                limit = min(limit, VIDEO_MAX_TOKENS * FACTOR * FACTOR)
+            check_item_bounds(part, limit, what, source)
 
     # --- one reference ----------------------------------------------------------------------
 
@@ -135,13 +142,28 @@ class RequestMedia:
         path = self._tmp / f"video-{self._count}{suffix}"
         path.write_bytes(data)
         private = replace(self.policy, allow_local=True, local_root=self._tmp.resolve())
-        try:
+        self._labels[path] = label if len(label) <= 80 else label[:77] + "..."
+        with self.scrubbed():
             source = resolve_video(str(path), private)
-        except MediaError as exc:  # name what the client sent, never the server's temporary file
-            shown = label if len(label) <= 80 else label[:77] + "..."
-            message = exc.message.replace(str(path.resolve()), shown).replace(str(path), shown)
-            raise MediaError(message.replace(str(self._tmp), "<request folder>"), exc.hint) from None
         return replace(source, source=label)
+
+    @contextlib.contextmanager
+    def scrubbed(self) -> Iterator[None]:
+        """QvlErrors raised inside name what the client sent, never the server's temporary files."""
+        from qwenvl_cli.errors import QvlError
+
+        try:
+            yield
+        except QvlError as exc:
+            if self._tmp is None or str(self._tmp) not in exc.message + (exc.hint or ""):
+                raise
+            message, hint = exc.message, exc.hint or ""
+            for path, label in self._labels.items():
+                for form in {str(path.resolve()), str(path)}:
+                    message, hint = message.replace(form, label), hint.replace(form, label)
+            for form in {str(self._tmp.resolve()), str(self._tmp)}:
+                message, hint = message.replace(form, "<request folder>"), hint.replace(form, "<request folder>")
+            raise type(exc)(message, hint) from None
 
 
 def _decode_video_uri(ref: str, max_bytes: int) -> tuple[bytes, str, str]:

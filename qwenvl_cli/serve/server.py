@@ -159,7 +159,7 @@ def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, 
     with RequestMedia(policy) as media:
         with fetching:
             messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
-        with state.prepare_slots:
+        with state.prepare_slots, media.scrubbed():
             return messages, state.engine.prepare(messages, policy)
 
 
