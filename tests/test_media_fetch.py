@@ -118,7 +118,8 @@ def test_the_chat_cli_policy_still_fetches_from_loopback(origin):
     ("127.0.0.1", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
     ("10.1.2.3", "private"), ("192.168.0.1", "private"), ("172.16.0.1", "private"),
     ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("224.0.0.1", "multicast"),
-    ("0.0.0.0", "private"), ("240.0.0.1", "private"), ("8.8.8.8", None), ("2606:4700::1111", None),
+    ("0.0.0.0", "private"), ("240.0.0.1", "private"), ("100.64.0.1", "non-public"),
+    ("8.8.8.8", None), ("2606:4700::1111", None),
 ])
 def test_address_rule(address, why):
     assert address_refused(address) == why

@@ -4,8 +4,8 @@
   read: a server that trickles one byte a second is cut when the time is up.
 - With ``policy.block_private`` (the server's policy), every address a host resolves to is
   checked before connecting, on the first URL and on every redirect: loopback, private,
-  link-local (169.254.169.254, the cloud metadata service), multicast, reserved and
-  unspecified addresses are refused, unless the host is in ``policy.allow_domains``. The
+  link-local (169.254.169.254, the cloud metadata service), multicast, reserved,
+  unspecified and other non-global addresses are refused, unless the host is in ``policy.allow_domains``. The
   connection goes to the address that was checked, so a second DNS answer cannot differ.
 - At most :data:`MAX_REDIRECTS` redirects, only to http(s).
 """
@@ -52,7 +52,7 @@ def address_refused(address: str) -> str | None:
     for kind in ("loopback", "link_local", "multicast", "private", "reserved", "unspecified"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
-    return None
+    return None if ip.is_global else "non-public"  # e.g. 100.64.0.0/10, shared by carriers
 
 
 def _get(url: str, policy: Any, label: str, deadline: float) -> tuple[Any, Any]:
