@@ -286,3 +286,46 @@ def test_video_sizing_is_bounded_per_frame():
     part = {"type": "video", "video": "data:video/mp4;base64,AAAA", "min_pixels": 1e7}
     with pytest.raises(MediaError, match="'min_pixels' 1e\\+07 of a video frame"):
         media.resolve([{"role": "user", "content": [part]}])
+
+
+class ContinuousEngine(Engine):
+    """Continuous batching as Engine.run_continuous does it: jobs join between steps."""
+
+    class decoder:  # noqa: N801 - the attribute the scheduler probes
+        pool = object()
+
+    def job(self, messages, params, prepared, cancel):
+        return {"name": messages, "left": params.tokens, "cancel": cancel, "i": 0}
+
+    def run_continuous(self, take, max_batch):
+        running = []
+        while True:
+            running += take(max_batch - len(running), not running)
+            if not running:
+                return
+            time.sleep(self.delay)
+            for job in list(running):
+                if job["cancel"].is_set():
+                    running.remove(job)
+                    yield job, Chunk(finish_reason="cancelled")
+                elif job["i"] == job["left"]:
+                    running.remove(job)
+                    yield job, Chunk(finish_reason="length", usage=Usage(1, job["i"]))
+                else:
+                    job["i"] += 1
+                    yield job, Chunk(text=f"{job['name']}{job['i'] - 1} ")
+
+
+def test_continuous_batching_shutdown_finishes_within_the_grace_then_cuts_and_refuses():
+    engine, out = ContinuousEngine(delay=0.05), {}
+    scheduler = Scheduler(engine, max_batch=2)
+    assert scheduler._continuous()
+    for name, tokens in (("short", 2), ("long", 1000), ("later", 3), ("queued", 1000), ("last", 2)):
+        scheduler.submit(job(name, out, tokens=tokens))
+    time.sleep(0.05)
+    scheduler.close(grace=0.8)
+    assert out["short"][-1].finish_reason == "length" and out["later"][-1].finish_reason == "length"
+    assert isinstance(out["long"][-1], Cut) and isinstance(out["queued"][-1], Cut)
+    assert isinstance(out["last"][-1], api.Unavailable) and not isinstance(out["last"][-1], Cut)  # never ran
+    assert scheduler.stats()["cut"] == 2
+    assert all(out[n + "_done"].wait(5) for n in ("short", "long", "later", "queued", "last"))
