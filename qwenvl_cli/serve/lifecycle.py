@@ -16,9 +16,13 @@ What is guaranteed (docs/server.md says the same):
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 from qwenvl_cli.generation import Answer
+from qwenvl_cli.serve.scheduler import DONE, QueuedRequest, Scheduler
 
 PROTOCOL_ERROR = {"error": {
     "message": "the HTTP request is malformed (bad request line, header or Content-Length)",
@@ -49,3 +53,44 @@ def cut_line(kind: str, reason: str, answer: Answer) -> str:
     usage = answer.usage
     done = f"{usage.completion_tokens} tokens" if usage else f"{len(answer.text)} characters"
     return f"chat {kind}: cut ({reason}) after {done}; not reported as complete"
+
+
+class Ticket:
+    """Chunks of one job, handed from the scheduler's thread to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, admission: Any, scheduler: Scheduler) -> None:
+        self.loop = loop
+        self.admission = admission
+        self.scheduler = scheduler
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def abandon(self, job: QueuedRequest) -> None:
+        """The client went away: drop its job (out of the queue now, or stopped at the next
+        token) and give its place to the next request at once."""
+        self.scheduler.discard(job)
+        self.admission.release()
+
+    def emit(self, item: Any) -> None:
+        if item is DONE:
+            self.admission.release()
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server stopped
+            pass
+
+    async def items(self) -> AsyncIterator[Any]:
+        while True:
+            item = await self.queue.get()
+            if item is DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+async def watch_disconnect(request: Any, ticket: Ticket, job: QueuedRequest) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            ticket.abandon(job)
+            return

@@ -29,8 +29,8 @@ from qwenvl_cli.errors import EngineError, QvlError, ServerError, UsageError, tr
 from qwenvl_cli.generation import Answer
 from qwenvl_cli.serve import api, registry
 from qwenvl_cli.serve.api import HttpError, ServerConfig, TooLarge, Unauthorized, Unavailable
-from qwenvl_cli.serve.lifecycle import cut_line, json_h11_protocol
-from qwenvl_cli.serve.scheduler import DONE, QueuedRequest, Scheduler
+from qwenvl_cli.serve.lifecycle import Ticket, cut_line, json_h11_protocol, watch_disconnect
+from qwenvl_cli.serve.scheduler import QueuedRequest, Scheduler
 
 Announce = Callable[[dict[str, Any]], None]
 PREPARE_SLOTS = 2  # requests decoding media / tokenizing at once, beside the running one
@@ -97,39 +97,6 @@ class ServerState:
 # --- requests -------------------------------------------------------------------------------
 
 
-class Ticket:
-    """Chunks of one job, handed from the scheduler's thread to the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, admission: Any, scheduler: Scheduler) -> None:
-        self.loop = loop
-        self.admission = admission
-        self.scheduler = scheduler
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def abandon(self, job: QueuedRequest) -> None:
-        """The client went away: drop its job (out of the queue now, or stopped at the next
-        token) and give its place to the next request at once."""
-        self.scheduler.discard(job)
-        self.admission.release()
-
-    def emit(self, item: Any) -> None:
-        if item is DONE:
-            self.admission.release()
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the server stopped
-            pass
-
-    async def items(self) -> AsyncIterator[Any]:
-        while True:
-            item = await self.queue.get()
-            if item is DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-
 async def _read_body(request: Any, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
@@ -163,14 +130,6 @@ def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, 
             return messages, state.engine.prepare(messages, policy)
 
 
-async def _watch_disconnect(request: Any, ticket: Ticket, job: QueuedRequest) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            ticket.abandon(job)
-            return
-
-
 async def chat_completions(state: ServerState, request: Any) -> Any:
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, StreamingResponse
@@ -194,7 +153,7 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
         return StreamingResponse(_events(state, chat, ticket, job, req_id, started),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    watcher = asyncio.create_task(_watch_disconnect(request, ticket, job))
+    watcher = asyncio.create_task(watch_disconnect(request, ticket, job))
     answer = Answer()
     try:
         async for chunk in ticket.items():
