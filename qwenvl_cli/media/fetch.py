@@ -81,9 +81,11 @@ def _get(url: str, policy: Any, label: str, deadline: float) -> tuple[Any, Any]:
         conn.request("GET", path, headers={"User-Agent": f"qvl/{__version__}", "Accept": "*/*"})
         return conn.getresponse(), conn
     except MediaError:
+        watchdog.cancel()
         conn.close()
         raise
     except (OSError, http.client.HTTPException, ValueError) as exc:
+        watchdog.cancel()
         conn.close()
         if time.monotonic() >= deadline or isinstance(exc, TimeoutError):
             raise _timed_out(label, policy) from None
