@@ -380,6 +380,20 @@ def _post_and_give_up(served, body, headers) -> None:
         pass
 
 
+def test_a_malformed_content_length_is_an_openai_shaped_400(served):
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(served.url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}")
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and json.loads(payload)["error"]["code"] == "malformed_request"
+
+
 # --- stop (keep last: it ends the shared server) -------------------------------------------------
 
 
@@ -391,6 +405,16 @@ def test_foreground_server_stops_cleanly_on_sigterm(served):
     assert entry["pid"] == served.proc.proc.pid and entry["state"] == registry.RUNNING
     assert entry["foreground"] is True and entry["api_key"] is True
     assert KEY not in (home / "run" / f"{UID}.json").read_text()
+    body = {"model": UID, "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": 20000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{served.url}/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        lines = response.iter_lines()
+        assert any('"content"' in next(lines) for _ in range(6))
+        served.proc.proc.send_signal(signal.SIGTERM)  # a stream in flight: cut after the grace
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    assert events[-1] != "[DONE]" and "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == "answer_cut"
     assert served.proc.stop(signal.SIGTERM) == 0
     assert not (home / "run" / f"{UID}.json").exists()
     assert server_pids(home) == []

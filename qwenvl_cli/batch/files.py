@@ -13,6 +13,7 @@ a truncated last line (a crash in mid-write) is dropped the same way.
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -242,11 +243,19 @@ class Output:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"-o {path}: cannot create {path.parent} ({exc.strerror})",
+                             "choose an output file in a directory you can write") from None
         self.handle: TextIO = self._open_locked()
 
     def _open_locked(self) -> TextIO:
-        handle = self.path.open("a", encoding="utf-8")
+        try:
+            handle = self.path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"-o {self.path}: cannot write it ({exc.strerror})",
+                             "choose an output file you can write") from None
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
@@ -278,10 +287,81 @@ class Output:
                 self.handle.close()
 
 
-def open_output(path: Path, input_path: Path) -> tuple[Output, Existing]:
-    """Lock the output, read what an earlier run answered, drop its errors and torn tail."""
+class StreamOutput(Output):
+    """A pipe, FIFO or terminal as the output (``-o /dev/stdout``): answers are written as they
+    come; nothing is read back, locked or rewritten, so there is no resumption."""
+
+    FIFO_WAIT = 5.0  # seconds to wait for a reader of a FIFO
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle = self._open_stream()
+
+    def _open_stream(self) -> TextIO:
+        import stat
+        import time
+
+        if not stat.S_ISFIFO(self.path.stat().st_mode):
+            return self.path.open("a", encoding="utf-8")
+        deadline = time.monotonic() + self.FIFO_WAIT
+        while True:  # a FIFO without a reader would block open() for ever
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise UsageError(f"no process reads the FIFO {self.path} (waited {self.FIFO_WAIT:g} s)",
+                                     f"start its reader first, e.g. `cat {self.path} &`") from None
+                time.sleep(0.05)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "w", encoding="utf-8")
+
+    def replace(self, records: Iterable[dict[str, Any]]) -> None:  # pragma: no cover - never called
+        raise UsageError(f"{self.path} is not a file", "resumption needs a regular output file")
+
+    def write(self, rec: dict[str, Any]) -> None:
+        try:
+            super().write(rec)
+        except BrokenPipeError:
+            raise UsageError(f"the reader of {self.path} went away", "keep the reading process running, "
+                             "or write to a file with -o answers.jsonl and rerun to resume") from None
+
+    def close(self) -> None:
+        try:
+            if not self.handle.closed:
+                self.handle.close()
+        except OSError:  # the reader went away: nothing more to flush
+            pass
+
+
+def check_output(path: Path, input_path: Path) -> None:
+    """Refuse an output that cannot be written (exit 2), before anything is loaded."""
     if path.exists() and input_path.exists() and path.resolve() == input_path.resolve():
         raise UsageError("the output file is the input file", "write the answers elsewhere: -o answers.jsonl")
+    if path.is_dir():
+        raise UsageError(f"-o {path} is a directory", f"name a file in it, e.g. -o {path / 'answers.jsonl'}")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"-o {path}: permission denied", "choose an output file you can write")
+        return
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise UsageError(f"-o {path}: {parent} is not a directory", "choose an output path inside a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {path}: cannot create files in {parent} (permission denied)",
+                         "choose an output file in a directory you can write")
+
+
+def is_stream(path: Path) -> bool:
+    """A pipe, FIFO, terminal or other non-regular file that exists (e.g. /dev/stdout)."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
+def open_output(path: Path, input_path: Path) -> tuple[Output, Existing]:
+    """Lock the output, read what an earlier run answered, drop its errors and torn tail."""
+    check_output(path, input_path)
+    if is_stream(path):
+        return StreamOutput(path), Existing()
     output = Output(path)
     try:
         existing = read_existing(path)

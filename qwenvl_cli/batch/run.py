@@ -58,6 +58,7 @@ def run(request: BatchCommand) -> int:
     """The whole `qvl batch` command; returns the exit code."""
     params = request.params.validated()
     size = batch_plan.parse_batch_size(request.batch_size)
+    batch_io.check_output(request.output, request.input)  # exit 2 before any model loads
     target = _target(request)
     image_opts, video_opts = media_options(request.media_flags)
     items = batch_io.read_input(request.input, params, image_opts, video_opts)

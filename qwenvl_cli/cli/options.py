@@ -212,6 +212,15 @@ AllowLocalMedia = Annotated[Optional[str], typer.Option(
 AllowRemoteMedia = Annotated[bool, typer.Option(
     "--allow-remote-media", help="Let the server fetch http(s) image and video URLs (bounded in size and "
     "time). Default: only inline data: URIs.", rich_help_panel=SERVER_PANEL)]
+AllowMediaDomains = Annotated[Optional[list[str]], typer.Option(
+    "--allow-media-domains", metavar="HOST", help="With --allow-remote-media: a host whose URLs may "
+    "resolve to loopback, private or link-local addresses (repeat for more). Default: such addresses "
+    "are refused after DNS resolution and on every redirect.", rich_help_panel=SERVER_PANEL,
+    show_default=False)]
+ShutdownGrace = Annotated[float, typer.Option(
+    "--shutdown-grace", min=0, max=600, help="Seconds a shutdown waits for answers in progress to finish; "
+    "then queued requests get 503 and streams in flight end with an error event.",
+    rich_help_panel=SERVER_PANEL)]
 MaxQueue = Annotated[int, typer.Option(
     "--max-queue", min=1, help="Requests admitted at once (running + waiting); more are answered 429.",
     rich_help_panel=SERVER_PANEL)]

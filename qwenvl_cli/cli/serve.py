@@ -9,6 +9,7 @@ import typer
 from qwenvl_cli import render
 from qwenvl_cli.cli.options import (
     AllowLocalMedia,
+    AllowMediaDomains,
     AllowRemoteMedia,
     ApiKey,
     Attn,
@@ -45,6 +46,7 @@ from qwenvl_cli.cli.options import (
     Quiet,
     RayAddress,
     Revision,
+    ShutdownGrace,
     SizeInBillions,
     StaticCache,
     engine_options,
@@ -65,7 +67,8 @@ def launch(
     context_length: ContextLength = None, max_pixels: MaxPixels = None, force: Force = False,
     model_uid: ModelUid = None, host: Host = "127.0.0.1", port: Port = None, api_key: ApiKey = None,
     foreground: Foreground = False, allow_local_media: AllowLocalMedia = None,
-    allow_remote_media: AllowRemoteMedia = False, max_queue: MaxQueue = 32, max_batch: MaxBatch = 8,
+    allow_remote_media: AllowRemoteMedia = False, allow_media_domains: AllowMediaDomains = None,
+    shutdown_grace: ShutdownGrace = 5.0, max_queue: MaxQueue = 32, max_batch: MaxBatch = 8,
     max_body_mb: MaxBodyMb = 64, quiet: Quiet = False, json_output: JsonOutput = False,
 ) -> None:
     """Start a model as an OpenAI-compatible server in the background and print its endpoint."""
@@ -88,7 +91,8 @@ def launch(
                                    model_uid, revision, offline, quiet, device)
     config = launcher.server_config(
         choice, asdict(engine), host, port, context_length=context_length, max_pixels=max_pixels,
-        allow_local_media=allow_local_media, allow_remote_media=allow_remote_media, max_queue=max_queue,
+        allow_local_media=allow_local_media, allow_remote_media=allow_remote_media,
+        allow_media_domains=tuple(allow_media_domains or ()), shutdown_grace=shutdown_grace, max_queue=max_queue,
         max_batch=max_batch, max_body_bytes=max_body_mb * 2**20, foreground=foreground)
     show = (lambda entry: render.print_json(entry.to_dict())) if json_output else _show_launched
     if foreground:

@@ -17,7 +17,7 @@ from qwenvl_cli import settings
 from qwenvl_cli.catalogue.load import load_catalogue
 from qwenvl_cli.catalogue.resolve import SpecQuery, resolve
 from qwenvl_cli.catalogue.spec import Catalogue, ResolvedSpec, size_display
-from qwenvl_cli.errors import NotCached, UsageError
+from qwenvl_cli.errors import DownloadError, NotCached, UsageError
 from qwenvl_cli.hub import layout
 from qwenvl_cli.hub.layout import HF, MS, RemoteFile
 
@@ -300,10 +300,28 @@ def _ms_removal(entry: CachedModel) -> Removal:
 
 
 def execute(plan: RemovalPlan) -> int:
-    """Delete what the plan lists; returns the bytes freed."""
-    for path in [p for item in plan.items for p in item.delete] + list(plan.also_delete):
-        if path.is_symlink() or path.is_file():
-            path.unlink(missing_ok=True)
-        elif path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+    """Delete what the plan lists; returns the bytes freed.
+
+    Holds the lock a download of each model holds: a model being downloaded by another qvl
+    process is refused in one line, and nothing is deleted."""
+    import contextlib
+
+    from filelock import Timeout
+
+    from qwenvl_cli.hub.download import model_lock
+
+    with contextlib.ExitStack() as stack:
+        for hub, repo_id in dict.fromkeys((item.entry.hub, item.entry.repo_id) for item in plan.items):
+            lock = model_lock(hub, repo_id)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise DownloadError(f"{repo_id} is being downloaded by another qvl process; nothing was removed",
+                                    "wait for the download to finish (or stop it), then run remove-cache again") from None
+            stack.callback(lock.release)
+        for path in [p for item in plan.items for p in item.delete] + list(plan.also_delete):
+            if path.is_symlink() or path.is_file():
+                path.unlink(missing_ok=True)
+            elif path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
     return plan.freed

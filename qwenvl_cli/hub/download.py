@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import os
 import shutil
 import threading
 import time
@@ -171,6 +173,8 @@ def _retry(call: Callable[[], Any], client, source: HubSource, what: str, say: _
         try:
             return call()
         except Exception as exc:  # noqa: BLE001 - classified; unknown errors propagate unchanged
+            if _disk_full(exc) is not None:
+                raise  # not transient: _fetch_all says which disk and how much is needed
             verdict = client.classify(exc, source.model_id, source.revision)
             if verdict is None:
                 raise
@@ -225,14 +229,21 @@ def _verify_present(listing: Listing, copy: LocalCopy, spec: ResolvedSpec, say: 
 # --- downloading ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _model_lock(hub: str, repo_id: str, say: _Say) -> Iterator[None]:
-    """One qvl download of a model at a time; the second process waits, then reuses."""
-    from filelock import FileLock, Timeout
+def model_lock(hub: str, repo_id: str) -> Any:
+    """The file lock a download of ``repo_id`` holds (remove-cache takes it too)."""
+    from filelock import FileLock
 
     path = settings.locks_dir() / f"{hub}--{repo_id.replace('/', '--')}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
+    return FileLock(str(path))
+
+
+@contextlib.contextmanager
+def _model_lock(hub: str, repo_id: str, say: _Say) -> Iterator[None]:
+    """One qvl download of a model at a time; the second process waits, then reuses."""
+    from filelock import Timeout
+
+    lock = model_lock(hub, repo_id)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -250,10 +261,7 @@ def _fetch_all(client, listing: Listing, spec: ResolvedSpec, say: _Say) -> Local
     if copy.state == "complete" and copy.manifest and copy.manifest.get("commit") == listing.commit:
         say(f"{listing.repo_id} is complete in the cache (another process fetched it): {copy.snapshot}")
         return _model(copy, spec, verified=True)
-    have = {f.path for f in listing.files if layout.file_size(snapshot / f.path) == f.size}
-    partial = {f.path: layout.file_size(p) or 0 for f in listing.files
-               if f.path not in have and (p := layout.partial_path(listing.hub, listing.repo_id, snapshot, f))}
-    need = sum(f.size for f in listing.files if f.path not in have) - sum(partial.values())
+    have, partial, need = _remaining(listing, snapshot)
     _check_disk(need, client.cache, listing)
     _write_pending(listing, snapshot, client.endpoint)
     done = sum(f.size for f in listing.files if f.path in have)
@@ -265,6 +273,10 @@ def _fetch_all(client, listing: Listing, spec: ResolvedSpec, say: _Say) -> Local
         try:
             checked = _parallel(lambda f: (f, _obtain(client, listing, snapshot, f, f.path in have, bar, say)),
                                 list(listing.files), settings.download_workers())
+        except OSError as exc:
+            if _disk_full(exc) is None:
+                raise
+            raise _disk_full_error(client, listing, snapshot) from None
         finally:
             say.sink = None
     client.finish(listing)
@@ -331,6 +343,45 @@ def _parallel(work: Callable[[Any], Any], items: list[Any], workers: int) -> lis
     if errors:
         raise errors[0]
     return results
+
+
+def _remaining(listing: Listing, snapshot: Path) -> tuple[set[str], dict[str, int], int]:
+    """(files present, bytes of each partial file, bytes still to fetch)."""
+    have = {f.path for f in listing.files if layout.file_size(snapshot / f.path) == f.size}
+    partial = {f.path: layout.file_size(p) or 0 for f in listing.files
+               if f.path not in have and (p := layout.partial_path(listing.hub, listing.repo_id, snapshot, f))}
+    return have, partial, sum(f.size for f in listing.files if f.path not in have) - sum(partial.values())
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT error in ``exc``'s chain, if the disk filled up."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _disk_full_error(client, listing: Listing, snapshot: Path) -> NotEnoughDisk:
+    """The disk filled up mid-download: which disk, what is still needed; partial files stay."""
+    _, partials, need = _remaining(listing, snapshot)
+    partial = sum(partials.values())
+    where = client.cache
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return NotEnoughDisk(
+        f"the disk holding {client.cache} ({_mount_point(where)}) filled up while downloading {listing.repo_id}: "
+        f"{human_bytes(max(need, 0))} more is needed; the {human_bytes(partial)} fetched are kept",
+        "free some space (`qvl cached`, `qvl remove-cache`) and run the same command again to resume, or point "
+        + ("HF_HOME" if listing.hub == HF else "MODELSCOPE_CACHE") + " at a bigger disk")
+
+
+def _mount_point(path: Path) -> str:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return f"mounted at {path}"
 
 
 def _check_disk(need: int, cache: Path, listing: Listing) -> None:

@@ -93,6 +93,45 @@ def image_size(width: int, height: int, opts: Mapping[str, Any],
                         opts.get("max_pixels", IMAGE_MAX_TOKENS * factor ** 2))
 
 
+_SIZING_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "total_pixels",
+                "fps", "nframes", "min_frames", "max_frames")
+
+
+def check_item_bounds(opts: Mapping[str, Any], limit: int, what: str,
+                      source: tuple[int, int] | None = None) -> None:
+    """Refuse an item's sizing keys that a server must not honour, before any pixel exists.
+
+    Every key is a finite positive number; ``min_pixels`` / ``max_pixels`` /
+    ``resized_height x resized_width`` at most ``limit`` pixels; and, given the source's
+    (width, height), the size it would be resized to within ``limit`` too (the upscale that
+    ``min_pixels`` asks for is counted, not only the source).
+    """
+    tokens = limit // (FACTOR * FACTOR)
+    hint = f"lower it: this server allows at most {limit} pixels ({tokens} visual tokens) per {what}"
+    for key in _SIZING_KEYS:
+        if key in opts:
+            value = opts[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise MediaError(f"'{key}' of a {what} must be a finite positive number, not {value!r}",
+                                 "send a number above 0")
+    for key in ("min_pixels", "max_pixels"):
+        if opts.get(key, 0) > limit:
+            raise MediaError(f"'{key}' {opts[key]:g} of a {what} is above the server's limit", hint)
+    if "resized_height" in opts and "resized_width" in opts \
+            and opts["resized_height"] * opts["resized_width"] > limit:
+        raise MediaError(f"'resized_height' x 'resized_width' of a {what} is above the server's limit", hint)
+    if "total_pixels" in opts and opts["total_pixels"] > model_seq_len() * FACTOR * FACTOR:
+        raise MediaError(f"'total_pixels' {opts['total_pixels']:g} of a {what} is above the model's context",
+                         "lower it")
+    if source is not None:
+        height, width = image_size(source[0], source[1], opts)
+        if height * width > limit + FACTOR * (height + width):  # one row and column of rounding
+            raise MediaError(f"this {what} would be resized to {width}x{height} "
+                             f"({height * width // (FACTOR * FACTOR)} visual tokens), above the server's limit",
+                             hint)
+
+
 def model_seq_len() -> int:
     """``$MODEL_SEQ_LEN`` as qwen-vl-utils reads it (default 128000), read at call time."""
     try:

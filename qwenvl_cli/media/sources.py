@@ -21,7 +21,6 @@ import difflib
 import io
 import os
 import re
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,9 @@ class MediaPolicy:
     max_bytes: int = DEFAULT_MAX_BYTES
     timeout: float = DEFAULT_TIMEOUT
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    block_private: bool = False  # refuse URLs resolving to loopback / private / link-local addresses
+    allow_domains: tuple[str, ...] = ()  # hosts exempt from block_private
+    max_item_pixels: int | None = None  # a request's image / frame, after resizing (the server's bound)
 
 
 PERMISSIVE = MediaPolicy()
@@ -288,73 +290,14 @@ def decode_data_uri(ref: str, kind: str, max_bytes: int) -> tuple[bytes, str, st
 
 
 def fetch_url(url: str, policy: MediaPolicy = PERMISSIVE) -> bytes:
-    """GET ``url`` within the policy's time and size limits; MediaError on any failure."""
-    import http.client
-    import socket
-    import urllib.error
-    import urllib.request
-
-    from qwenvl_cli import __version__
+    """GET ``url`` within the policy's total time, size, redirect and address limits
+    (:mod:`qwenvl_cli.media.fetch`); MediaError on any failure."""
+    from qwenvl_cli.media.fetch import fetch
 
     if not policy.allow_remote:
         raise MediaError(f"remote URLs are not allowed here: {_short(url)}",
                          "pass a local file or a data: URI")
-    opener = _opener()
-    request = urllib.request.Request(url, headers={"User-Agent": f"qvl/{__version__}"})
-    deadline = time.monotonic() + policy.timeout
-    label = _short(url)
-    try:
-        with opener.open(request, timeout=policy.timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > policy.max_bytes:
-                raise _too_large(label, policy, int(length))
-            chunks, size = [], 0
-            while chunk := response.read(1 << 16):
-                size += len(chunk)
-                if size > policy.max_bytes:
-                    raise _too_large(label, policy)
-                if time.monotonic() > deadline:
-                    raise _timed_out(label, policy)
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except urllib.error.HTTPError as exc:
-        raise MediaError(f"{label} answered HTTP {exc.code} {exc.reason}",
-                         "check the URL, or download the file and pass the path") from None
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-            raise _timed_out(label, policy) from None
-        raise MediaError(f"cannot reach {label}: {one_line(exc.reason, 100)}",
-                         "check the URL and your network") from None
-    except (TimeoutError, socket.timeout):
-        raise _timed_out(label, policy) from None
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise MediaError(f"cannot fetch {label}: {one_line(exc, 100)}",
-                         "check the URL and your network") from None
-
-
-def _too_large(label: str, policy: MediaPolicy, length: int | None = None) -> MediaError:
-    size = f" ({length} bytes)" if length else ""
-    return MediaError(f"{label} is larger than the {policy.max_bytes} byte limit{size}",
-                      "pass a smaller file")
-
-
-def _timed_out(label: str, policy: MediaPolicy) -> MediaError:
-    return MediaError(f"timed out after {policy.timeout:g} s fetching {label}",
-                      "check the URL, or download the file and pass the path")
-
-
-def _opener() -> Any:
-    """A urllib opener that follows redirects only to http(s) URLs."""
-    import urllib.request
-
-    class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's API
-            if urlsplit(newurl).scheme.lower() not in ("http", "https"):
-                raise MediaError(f"{_short(req.full_url)} redirects to a non-HTTP URL",
-                                 "pass the final URL directly")
-            return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-    return urllib.request.build_opener(HttpOnlyRedirects)
+    return fetch(url, policy, _short(url))
 
 
 # --- videos -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ DEFAULT_MAX_QUEUE = 32
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_MEDIA_TIMEOUT = 15.0
+DEFAULT_SHUTDOWN_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     media_timeout: float = DEFAULT_MEDIA_TIMEOUT
+    allow_media_domains: tuple[str, ...] = ()  # hosts remote media may resolve to private addresses
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds a shutdown waits for answers to finish
     min_pixels: int | None = None  # defaults for image / frame parts that set none
     max_pixels: int | None = None
     log_file: str | None = None
@@ -56,6 +59,7 @@ class ServerConfig:
     def from_json(cls, text: str) -> ServerConfig:
         data = json.loads(text)
         data["aliases"] = tuple(data.get("aliases") or ())
+        data["allow_media_domains"] = tuple(data.get("allow_media_domains") or ())
         return cls(**data)
 
 

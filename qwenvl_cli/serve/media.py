@@ -11,13 +11,16 @@ by URL are written to a private temporary folder that the request owns and remov
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
+
 
 _VIDEO_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov",
                    "video/x-matroska": ".mkv", "video/x-msvideo": ".avi"}
@@ -25,13 +28,29 @@ _VIDEO_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime"
 
 def policy_for(config: Any) -> Any:
     """The MediaPolicy of a ServerConfig."""
+    from qwenvl_cli.media.sizing import FACTOR, IMAGE_MAX_TOKENS
     from qwenvl_cli.media.sources import MediaPolicy
 
     root = Path(config.allow_local_media).resolve() if config.allow_local_media else None
     return MediaPolicy(allow_local=root is not None, local_root=root,
                        allow_remote=bool(config.allow_remote_media),
                        max_bytes=config.max_body_bytes, timeout=config.media_timeout,
-                       max_image_pixels=config.max_image_pixels)
+                       max_image_pixels=config.max_image_pixels, block_private=True,
+                       max_item_pixels=config.max_pixels or IMAGE_MAX_TOKENS * FACTOR * FACTOR,
+                       allow_domains=tuple(getattr(config, "allow_media_domains", ()) or ()))
+
+
+def needs_fetch(messages: list[dict[str, Any]]) -> bool:
+    """Whether any image or video part of ``messages`` is an http(s) URL (a fetch to wait for)."""
+    for message in messages:
+        for part in message.get("content") or ():
+            if not isinstance(part, dict) or part.get("type") not in ("image", "video"):
+                continue
+            refs = part.get(part["type"])
+            for ref in refs if isinstance(refs, list) else [refs]:
+                if isinstance(ref, str) and ref[:8].lower().startswith(("http://", "https://")):
+                    return True
+    return False
 
 
 class RequestMedia:
@@ -41,6 +60,7 @@ class RequestMedia:
         self.policy = policy
         self._tmp: Path | None = None
         self._count = 0
+        self._labels: dict[Path, str] = {}  # a written file -> what the client sent
 
     def __enter__(self) -> RequestMedia:
         return self
@@ -60,12 +80,27 @@ class RequestMedia:
             parts = []
             for part in message["content"]:
                 if part.get("type") == "image":
+                    self._bounded(part, "image")
                     part = {**part, "image": self.image(part["image"])}
+                    self._bounded(part, "image", (part["image"].width, part["image"].height))
                 elif part.get("type") == "video":
+                    self._bounded(part, "video frame")
                     part = {**part, "video": self.video(part["video"])}
                 parts.append(part)
             out.append({**message, "content": parts})
         return out
+
+    def _bounded(self, part: dict[str, Any], what: str, source: tuple[int, int] | None = None) -> None:
+        """The part's sizing keys within the server's pixel bound (before any pixel is decoded)."""
+        from qwenvl_cli.media.sizing import check_item_bounds
+
+        from qwenvl_cli.media.sizing import FACTOR, VIDEO_MAX_TOKENS
+
+        limit = self.policy.max_item_pixels
+        if limit is not None:
+            if what == "video frame":  # many frames: qwen-vl-utils' own per-frame ceiling
+                limit = min(limit, VIDEO_MAX_TOKENS * FACTOR * FACTOR)
+            check_item_bounds(part, limit, what, source)
 
     # --- one reference ----------------------------------------------------------------------
 
@@ -107,8 +142,28 @@ class RequestMedia:
         path = self._tmp / f"video-{self._count}{suffix}"
         path.write_bytes(data)
         private = replace(self.policy, allow_local=True, local_root=self._tmp.resolve())
-        source = resolve_video(str(path), private)
+        self._labels[path] = label if len(label) <= 80 else label[:77] + "..."
+        with self.scrubbed():
+            source = resolve_video(str(path), private)
         return replace(source, source=label)
+
+    @contextlib.contextmanager
+    def scrubbed(self) -> Iterator[None]:
+        """QvlErrors raised inside name what the client sent, never the server's temporary files."""
+        from qwenvl_cli.errors import QvlError
+
+        try:
+            yield
+        except QvlError as exc:
+            if self._tmp is None or str(self._tmp) not in exc.message + (exc.hint or ""):
+                raise
+            message, hint = exc.message, exc.hint or ""
+            for path, label in self._labels.items():
+                for form in {str(path.resolve()), str(path)}:
+                    message, hint = message.replace(form, label), hint.replace(form, label)
+            for form in {str(self._tmp.resolve()), str(self._tmp)}:
+                message, hint = message.replace(form, "<request folder>"), hint.replace(form, "<request folder>")
+            raise type(exc)(message, hint) from None
 
 
 def _decode_video_uri(ref: str, max_bytes: int) -> tuple[bytes, str, str]:

@@ -7,8 +7,15 @@ The server talks to the model only through :class:`Scheduler`:
 - ``submit(job)`` queues a prepared job; the worker runs jobs one at a time with
   ``engine.stream(..., prepared=, cancel=)`` and hands every chunk to ``job.emit``
   (from the worker thread; the server bridges it into its event loop);
-- a job whose ``cancel`` event is set (client gone) is skipped if still waiting, and stops
-  generating at the next token if running, so the next request is not stalled.
+- a job whose client went away is taken out of the queue at once (``discard``: its place
+  and its pixel tensors are freed) and stops generating at the next token if running;
+- ``close(grace)`` refuses new work, waits up to ``grace`` seconds for the queue to drain,
+  then fails every waiting job with :class:`Unavailable` (HTTP 503) and cuts the running
+  ones: a cut job receives :class:`Cut` (also a 503), never a "stop" that would pass a
+  fraction of an answer off as whole;
+- the worker runs under a supervisor: whatever ends its loop (a bug, not a request's own
+  error) fails every waiting and running job with a 503, marks the scheduler ``failure``
+  and calls ``on_failure`` (the server then answers /health 503 and exits non-zero).
 
 Batched decoding lives behind two methods: ``_take`` takes the oldest waiting job plus up to
 ``max_batch - 1`` later ones with the same sampling parameters (``params.batch_key()``), and
@@ -31,6 +38,12 @@ from typing import Any
 from qwenvl_cli.serve.api import Busy, Unavailable
 
 DONE = object()  # emitted after the last chunk of a job
+
+
+class Cut(Unavailable):
+    """A running answer was stopped before it was complete (the server is shutting down)."""
+
+    code = "answer_cut"
 
 
 @dataclass
@@ -63,8 +76,11 @@ class Admission:
 
 
 class Scheduler:
-    def __init__(self, engine: Any, max_pending: int = 32, max_batch: int = 1) -> None:
+    def __init__(self, engine: Any, max_pending: int = 32, max_batch: int = 1,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
+        self.on_failure = on_failure
+        self.failure: BaseException | None = None
         self.max_pending = max(1, max_pending)
         self.max_batch = max(1, max_batch)
         self._lock = threading.Lock()
@@ -76,7 +92,9 @@ class Scheduler:
         self.completed = 0
         self.failed = 0
         self.largest_batch = 0
-        self._worker = threading.Thread(target=self._loop, name="qvl-scheduler", daemon=True)
+        self.cut = 0  # answers stopped by a shutdown before they were complete
+        self.abandoned = 0  # jobs whose client went away
+        self._worker = threading.Thread(target=self._supervised, name="qvl-scheduler", daemon=True)
         self._worker.start()
 
     # --- the server side ------------------------------------------------------------------
@@ -107,19 +125,78 @@ class Scheduler:
         with self._lock:
             return {"admitted": self._admitted, "waiting": len(self._queue),
                     "running": len(self._running), "completed": self.completed,
-                    "failed": self.failed, "max_pending": self.max_pending,
+                    "failed": self.failed, "cut": self.cut,
+                    "abandoned": self.abandoned, "max_pending": self.max_pending,
                     "max_batch": self.max_batch, "largest_batch": self.largest_batch}
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Cancel every waiting and running job and stop the worker."""
+    def discard(self, job: QueuedRequest) -> None:
+        """The client went away: stop the job, and if it still waits, drop it from the queue now."""
+        if job.cancel.is_set():
+            return
+        job.cancel.set()
+        with self._ready:
+            self.abandoned += 1
+            waiting = any(j is job for j in self._queue)
+            if waiting:
+                self._remove(job)
+        if waiting:
+            job.prepared = None
+            job.emit(DONE)
+
+    def close(self, timeout: float = 10.0, grace: float = 0.0) -> None:
+        """Refuse new work; after up to ``grace`` s for the queue to drain, fail what waits with
+        503, cut what runs, and stop the worker."""
+        deadline = time.monotonic() + max(0.0, grace)
         with self._ready:
             self._closed = True
-            for job in self._queue:
-                job.cancel.set()
+            while (self._queue or self._running) and time.monotonic() < deadline:
+                self._ready.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            left, self._queue = list(self._queue), collections.deque()
             for job in self._running:
                 job.cancel.set()
             self._ready.notify_all()
+        self._fail(left, Unavailable("the server shut down before this request's turn",
+                                     "retry in a moment, on this server once restarted or on another"))
         self._worker.join(timeout)
+
+    # --- the supervisor -------------------------------------------------------------------
+
+    def _supervised(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the loop itself broke: fail everything, report
+            with self._ready:
+                self.failure = exc
+                self._closed = True
+                left = list(self._queue) + list(self._running)
+                self._queue, self._running = collections.deque(), []
+            self._fail(left, Unavailable(f"the server's scheduler stopped ({type(exc).__name__}: {exc})",
+                                         "retry on a restarted server; the log has the details"))
+            if self.on_failure is not None:
+                self.on_failure(exc)
+
+    def _fail(self, jobs: list[QueuedRequest], error: BaseException) -> None:
+        for job in jobs:
+            job.cancel.set()
+            job.prepared = None
+            self.failed += 1
+            job.emit(error)
+            job.emit(DONE)
+
+    def _remove(self, job: QueuedRequest) -> None:
+        """Take ``job`` out of the queue by identity (its dataclass ``==`` compares tensors)."""
+        self._queue = collections.deque(j for j in self._queue if j is not job)
+
+    def _deliver(self, job: QueuedRequest, chunk: Any) -> None:
+        """One chunk to its job; a job cut by close() gets Cut, not a finish that looks whole."""
+        if getattr(chunk, "finish_reason", None) == "cancelled" and self._closed:
+            if chunk.text:
+                job.emit(type(chunk)(text=chunk.text))
+            self.cut += 1
+            job.emit(Cut("the server shut down before the answer was complete",
+                         "send the request again, on this server once restarted or on another"))
+            return
+        job.emit(chunk)
 
     # --- the worker -------------------------------------------------------------------------
 
@@ -138,7 +215,7 @@ class Scheduler:
                     if len(batch) >= self.max_batch:
                         break
                     if not job.cancel.is_set() and job.params.batch_key() == key:
-                        self._queue.remove(job)
+                        self._remove(job)
                         batch.append(job)
             self._running = batch
             self.largest_batch = max(self.largest_batch, len(batch))
@@ -160,8 +237,9 @@ class Scheduler:
                 for job in batch:
                     job.prepared = None  # free the pixel tensors now, not when the response ends
                     job.emit(DONE)
-                with self._lock:
+                with self._ready:
                     self._running = []
+                    self._ready.notify_all()
 
     def _take_joining(self, free: int, wait: bool, owners: dict[int, QueuedRequest]) -> list[Any]:
         """Up to ``free`` waiting jobs as engine jobs (blocking only when ``wait``)."""
@@ -169,7 +247,7 @@ class Scheduler:
             while wait and not self._queue and not self._closed:
                 self._ready.wait()
             taken: list[Any] = []
-            while self._queue and len(taken) < free and not self._closed:
+            while self._queue and len(taken) < free:  # also while closing: the grace drains the queue
                 job = self._queue.popleft()
                 if job.cancel.is_set():
                     job.prepared = None
@@ -195,7 +273,7 @@ class Scheduler:
                 for engine_job, chunk in self.engine.run_continuous(
                         lambda free, wait: self._take_joining(free, wait, owners), self.max_batch):
                     job = owners[id(engine_job)]
-                    job.emit(chunk)
+                    self._deliver(job, chunk)
                     if chunk.finish_reason is not None:
                         self._finished(job)
                         self.completed += 1
@@ -215,8 +293,9 @@ class Scheduler:
     def _finished(self, job: QueuedRequest) -> None:
         job.prepared = None  # free the pixel tensors now, not when the response ends
         job.emit(DONE)
-        with self._lock:  # by identity: QueuedRequest compares by value, tensors included
+        with self._ready:  # by identity: QueuedRequest compares by value, tensors included
             self._running = [j for j in self._running if j is not job]
+            self._ready.notify_all()
 
     def _execute(self, batch: list[QueuedRequest]) -> None:
         try:
@@ -224,11 +303,11 @@ class Scheduler:
                 job = batch[0]
                 for chunk in self.engine.stream(job.messages, job.params, prepared=job.prepared,
                                                 cancel=job.cancel):
-                    job.emit(chunk)
+                    self._deliver(job, chunk)
             elif batch:
                 jobs = [self.engine.job(j.messages, j.params, j.prepared, j.cancel) for j in batch]
                 for index, chunk in self.engine.run_jobs(jobs):
-                    batch[index].emit(chunk)
+                    self._deliver(batch[index], chunk)
             self.completed += len(batch)
         except BaseException as exc:  # noqa: BLE001 - handed to the requests that own the jobs
             self.failed += len(batch)

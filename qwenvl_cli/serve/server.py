@@ -29,10 +29,12 @@ from qwenvl_cli.errors import EngineError, QvlError, ServerError, UsageError, tr
 from qwenvl_cli.generation import Answer
 from qwenvl_cli.serve import api, registry
 from qwenvl_cli.serve.api import HttpError, ServerConfig, TooLarge, Unauthorized, Unavailable
-from qwenvl_cli.serve.scheduler import DONE, QueuedRequest, Scheduler
+from qwenvl_cli.serve.lifecycle import Ticket, cut_line, json_h11_protocol, watch_disconnect
+from qwenvl_cli.serve.scheduler import QueuedRequest, Scheduler
 
 Announce = Callable[[dict[str, Any]], None]
 PREPARE_SLOTS = 2  # requests decoding media / tokenizing at once, beside the running one
+FETCH_SLOTS = 4  # requests fetching remote media at once; they hold no preparation slot meanwhile
 
 
 class ServerState:
@@ -45,12 +47,28 @@ class ServerState:
         self.stopping = False
         self.created = int(time.time())
         self.prepare_slots = threading.BoundedSemaphore(PREPARE_SLOTS)
+        self.fetch_slots = threading.BoundedSemaphore(FETCH_SLOTS)
+        self.on_fatal: Callable[[], None] = lambda: None  # serve() sets it: stop the process
 
     def ready(self, engine: Any) -> None:
-        self.scheduler = Scheduler(engine, self.config.max_queue, self.config.max_batch)
         self.engine = engine
+        self.scheduler = Scheduler(engine, self.config.max_queue, self.config.max_batch,
+                                   on_failure=self.scheduler_failed)
+
+    def scheduler_failed(self, exc: BaseException) -> None:
+        """The scheduler's loop died: /health turns 503 and the process exits non-zero."""
+        self.error = ServerError(f"the scheduler stopped: {type(exc).__name__}: {exc}",
+                                 "restart the model (qvl launch); the log has the details")
+        log(f"error: {self.error.message}; stopping with exit status 1")
+        self.stopping = True
+        self.on_fatal()
+
+    def serving(self) -> bool:
+        return self.scheduler is not None and self.error is None and not self.stopping
 
     def require_ready(self) -> Scheduler:
+        if self.error is not None:
+            raise Unavailable(f"the server has failed: {self.error.message}", "retry on a restarted server")
         if self.stopping:
             raise Unavailable("the server is shutting down", "retry on another server")
         if self.scheduler is None:
@@ -58,9 +76,12 @@ class ServerState:
         return self.scheduler
 
     def stop(self) -> None:
+        if self.stopping:
+            return
         self.stopping = True
         if self.scheduler is not None:
-            threading.Thread(target=self.scheduler.close, daemon=True).start()
+            threading.Thread(target=self.scheduler.close, kwargs={"grace": self.config.shutdown_grace},
+                             daemon=True).start()
 
     def check_key(self, headers: Any) -> None:
         if not self.api_key:
@@ -74,37 +95,6 @@ class ServerState:
 
 
 # --- requests -------------------------------------------------------------------------------
-
-
-class Ticket:
-    """Chunks of one job, handed from the scheduler's thread to the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, admission: Any) -> None:
-        self.loop = loop
-        self.admission = admission
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def abandon(self, job: QueuedRequest) -> None:
-        """The client went away: stop its job and give its place to the next request at once."""
-        job.cancel.set()
-        self.admission.release()
-
-    def emit(self, item: Any) -> None:
-        if item is DONE:
-            self.admission.release()
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the server stopped
-            pass
-
-    async def items(self) -> AsyncIterator[Any]:
-        while True:
-            item = await self.queue.get()
-            if item is DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
 
 
 async def _read_body(request: Any, limit: int) -> bytes:
@@ -123,21 +113,21 @@ async def _read_body(request: Any, limit: int) -> bytes:
 
 
 def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, Any]], Any]:
-    """Check and decode the media with the server's policy, then tokenize (a worker thread)."""
-    from qwenvl_cli.serve.media import RequestMedia, policy_for
+    """Check and decode the media with the server's policy, then tokenize (a worker thread).
+
+    Fetching remote media holds a fetch slot, not a preparation slot, so requests that need
+    no fetch (text, inline data) pass the ones waiting on a slow server."""
+    import contextlib
+
+    from qwenvl_cli.serve.media import RequestMedia, needs_fetch, policy_for
 
     policy = policy_for(state.config)
-    with state.prepare_slots, RequestMedia(policy) as media:
-        messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
-        return messages, state.engine.prepare(messages, policy)
-
-
-async def _watch_disconnect(request: Any, ticket: Ticket, job: QueuedRequest) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            ticket.abandon(job)
-            return
+    fetching = state.fetch_slots if needs_fetch(chat.messages) else contextlib.nullcontext()
+    with RequestMedia(policy) as media:
+        with fetching:
+            messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
+        with state.prepare_slots, media.scrubbed():
+            return messages, state.engine.prepare(messages, policy)
 
 
 async def chat_completions(state: ServerState, request: Any) -> Any:
@@ -152,7 +142,7 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
     admission = scheduler.admit()
     try:
         messages, prepared = await run_in_threadpool(_prepare, state, chat)
-        ticket = Ticket(asyncio.get_running_loop(), admission)
+        ticket = Ticket(asyncio.get_running_loop(), admission, scheduler)
         job = QueuedRequest(messages, chat.params, prepared, ticket.emit)
         scheduler.submit(job)
     except BaseException:
@@ -163,13 +153,18 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
         return StreamingResponse(_events(state, chat, ticket, job, req_id, started),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    watcher = asyncio.create_task(_watch_disconnect(request, ticket, job))
+    watcher = asyncio.create_task(watch_disconnect(request, ticket, job))
     answer = Answer()
     try:
         async for chunk in ticket.items():
             answer.add(chunk)
+    except Exception as exc:
+        log(cut_line("json", api.http_error(translate(exc) or exc).message, answer))
+        raise
     finally:
         watcher.cancel()
+    if watcher.done() and not watcher.cancelled():
+        log(cut_line("json", "the client disconnected", answer))
     _log_request(chat, answer, started)
     return JSONResponse(api.completion(req_id, chat.model, answer))
 
@@ -188,8 +183,11 @@ async def _events(state: ServerState, chat: api.ChatRequest, ticket: Ticket, job
                     yield api.sse(api.chunk(req_id, chat.model, created, {"content": item.text},
                                             include_usage=chat.include_usage))
         except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
-            yield api.sse(api.error_body(api.http_error(translate(exc) or exc)))
-            yield api.SSE_DONE
+            err = api.http_error(translate(exc) or exc)
+            log(cut_line("stream", err.message, answer))
+            # The shape vLLM and OpenAI send for a stream that fails, and no [DONE] after it:
+            # a client must not take the text so far for a whole answer.
+            yield api.sse(api.error_body(err))
             finished = True
             return
         yield api.sse(api.chunk(req_id, chat.model, created, finish_reason=answer.finish_reason,
@@ -201,6 +199,7 @@ async def _events(state: ServerState, chat: api.ChatRequest, ticket: Ticket, job
         _log_request(chat, answer, started)
     finally:
         if not finished:  # the client went away (or the server is stopping)
+            log(cut_line("stream", "the client disconnected", answer))
             ticket.abandon(job)
 
 
@@ -232,10 +231,12 @@ def create_app(state: ServerState) -> Any:
 
     async def models(request):
         state.check_key(request.headers)
+        state.require_ready()  # 503 until the model can answer, as vLLM's readiness polls expect
         return JSONResponse(api.models_list(config, state.created))
 
     async def model(request):
         state.check_key(request.headers)
+        state.require_ready()
         api.check_model(request.path_params["name"], config)
         return JSONResponse(api.models_list(config, state.created)["data"][0])
 
@@ -256,7 +257,8 @@ def create_app(state: ServerState) -> Any:
         err = api.http_error(translate(exc) or exc)
         if err.status >= 500:
             log(f"error: {type(exc).__name__}: {exc}")
-        return JSONResponse(api.error_body(err), err.status)
+        headers = {"Retry-After": "1"} if err.status in (429, 503) else None  # e.g. out of memory
+        return JSONResponse(api.error_body(err), err.status, headers=headers)
 
     routes = [Route("/health", health), Route("/v1/models", models),
               Route("/v1/models/{name:path}", model),
@@ -373,9 +375,16 @@ def serve(config: ServerConfig, api_key: str | None = None, announce: Announce |
             self.force_exit = self.should_exit and sig == signal.SIGINT
             self.should_exit = True
 
-    uv_config = uvicorn.Config(create_app(state), log_level="warning", access_log=False,
-                               lifespan="off", timeout_graceful_shutdown=5, timeout_keep_alive=30)
+    # uvicorn's own grace outlasts the scheduler's, so cut answers still reach their clients.
+    uv_config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off",
+                               timeout_graceful_shutdown=config.shutdown_grace + 5, timeout_keep_alive=30,
+                               http=json_h11_protocol())
     server = Server(uv_config)
+
+    def fatal() -> None:
+        server.should_exit = True
+
+    state.on_fatal = fatal
     threading.Thread(target=_load, args=(state, server, entry, announce), name="qvl-load",
                      daemon=True).start()
     try:
