@@ -101,6 +101,29 @@ def test_unknown_flag_is_usage_error_exit_2(capsys):
     assert code == 2 and "No such option" in err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["launch", "--sise", "2"], "No such option: --sise"),
+    (["chat", "--max-tokens", "many", "hi"], "Invalid value for '--max-tokens': 'many' is not a valid int."),
+    (["terminate", "a", "b"], "unexpected extra argument"),
+    (["frobnicate"], "No such command 'frobnicate'."),
+])
+def test_option_parsing_errors_are_one_line_and_a_hint_not_a_panel(argv, says):
+    """click's errors read like qvl's own (the README's promise): error line, hint line, exit 2."""
+    proc = run_qvl(*argv)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith("error: ") and says in lines[0]
+    assert lines[1].startswith("hint: run `qvl") and "--help`" in lines[1]
+    assert not any(ch in proc.stderr for ch in "╭╰│")
+
+
+def test_help_and_bare_qvl_still_print_the_help():
+    assert run_qvl("launch", "--help").returncode == 0
+    bare = run_qvl()
+    assert bare.returncode == 2 and "Usage: qvl" in bare.stdout + bare.stderr and "error:" not in bare.stderr
+
+
 def test_invalid_user_yaml_exits_1_naming_the_file(tmp_path, monkeypatch, capsys):
     specs_dir = tmp_path / "qvl" / "specs"
     specs_dir.mkdir(parents=True)
