@@ -47,6 +47,22 @@ def test_list_specs_filters():
     assert [(d["size_in_billions"], d["quantization"]) for d in data] == [("72", "Int4"), ("72", "Int8")]
 
 
+def test_list_specs_model_engine_filter(capsys):
+    data = json.loads(runner.invoke(app, ["list-specs", "--model-engine", "Transformers", "--json"]).stdout)
+    assert len(data) == 12 and all("transformers" in d["engines"] for d in data)
+    short = json.loads(runner.invoke(app, ["list-specs", "-en", "transformers", "-s", "2", "--json"]).stdout)
+    assert {d["size_in_billions"] for d in short} == {"2"}
+    code, _, err = run_main(["list-specs", "--model-engine", "transformer"], capsys)
+    assert code == 2 and "did you mean transformers?" in err
+
+
+@pytest.mark.parametrize("short, hub", [("hf", "huggingface"), ("ms", "modelscope"), ("HF", "huggingface")])
+def test_download_hub_short_names(short, hub):
+    """The tables print hf / ms; the flag takes them too."""
+    data = json.loads(runner.invoke(app, ["resolve", "-s", "7", "-f", "awq", "--download-hub", short, "--json"]).stdout)
+    assert data["hub"] == hub
+
+
 def test_resolve_acceptance_7b_awq_json():
     result = runner.invoke(app, ["resolve", "-s", "7", "-f", "awq", "--json"])
     assert result.exit_code == 0, result.output

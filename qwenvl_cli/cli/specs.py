@@ -25,6 +25,7 @@ HUB_SHORT = {"huggingface": "hf", "modelscope": "ms"}
 
 def list_specs(
     model_name: ModelName = None,
+    model_engine: ModelEngine = None,
     model_format: ModelFormat = None,
     size_in_billions: SizeInBillions = None,
     quantization: Quantization = None,
@@ -42,7 +43,7 @@ def list_specs(
     from qwenvl_cli.hub import cache
 
     catalogue = load_catalogue()
-    rows = filter_rows(catalogue, model_name, model_format, size_in_billions, quantization)
+    rows = filter_rows(catalogue, model_name, model_format, size_in_billions, quantization, model_engine)
     for row in rows:
         row["cached"] = cache.row_states(row)
     if show_fit:
