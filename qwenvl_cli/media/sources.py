@@ -126,7 +126,8 @@ def check_local(path: Path, policy: MediaPolicy, what: str = "image file") -> Pa
     """``path`` (user-expanded) if policy allows it, it exists and is a file; else MediaError."""
     if not policy.allow_local:
         raise MediaError(f"local files are not allowed here: {path}",
-                         "send the media as an http(s) URL or a data: URI")
+                         "start the server with --allow-local-media DIR to let it read files inside DIR, "
+                         "or send the media inline as a data: URI")
     path = Path(os.path.expanduser(str(path)))
     if policy.local_root is not None:
         root = Path(policy.local_root).resolve()
@@ -298,7 +299,8 @@ def fetch_url(url: str, policy: MediaPolicy = PERMISSIVE) -> bytes:
 
     if not policy.allow_remote:
         raise MediaError(f"remote URLs are not allowed here: {_short(url)}",
-                         "pass a local file or a data: URI")
+                         "start the server with --allow-remote-media to let it fetch URLs, "
+                         "or send the media inline as a data: URI")
     opener = _opener()
     request = urllib.request.Request(url, headers={"User-Agent": f"qvl/{__version__}"})
     deadline = time.monotonic() + policy.timeout
