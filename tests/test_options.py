@@ -97,3 +97,15 @@ def test_context_length_above_the_models_is_refused(capsys):
         assert "--context-length" in err and "32768" in err and "Traceback" not in err
     code, _, err = run_main(["resolve", "--context-length", "32768", "--json"], capsys)
     assert code == 0, err
+
+
+def test_decode_loop_help_says_what_auto_picks_on_each_device():
+    """--decode-loop auto is qvl's loop on CPU and CUDA alike; the help must not say generate."""
+    from qwenvl_cli.cli.options import DecodeLoop
+    from qwenvl_cli.engine import fastpath
+
+    text = DecodeLoop.__metadata__[0].help
+    for on_gpu in (False, True):
+        assert fastpath.resolve(EngineOptions(), on_gpu=on_gpu).loop == "qvl"
+    assert "qvl's loop everywhere" in text and "on a CPU it runs on the calling thread" in text
+    assert "generate on CPU" not in text

@@ -98,8 +98,9 @@ StaticCache = Annotated[str, typer.Option(
     "--static-cache", metavar="auto|on|off", help="Preallocated KV cache in power-of-two buckets (auto: "
     "with --compile).", rich_help_panel=ENGINE_PANEL)]
 DecodeLoop = Annotated[str, typer.Option(
-    "--decode-loop", metavar="LOOP", help="auto (qvl's loop on CUDA: sampling on the GPU, no host sync "
-    "per token; transformers' generate on CPU), qvl or generate.", rich_help_panel=ENGINE_PANEL)]
+    "--decode-loop", metavar="LOOP", help="auto or qvl (qvl's loop everywhere: on CUDA it samples on the GPU "
+    "with no host sync per token; on a CPU it runs on the calling thread), or generate (transformers' "
+    "generate, unchanged).", rich_help_panel=ENGINE_PANEL)]
 GpuPreprocess = Annotated[str, typer.Option(
     "--gpu-preprocess", metavar="auto|on|off", help="Normalise and patch images and video frames on the "
     "GPU (auto: on CUDA).", rich_help_panel=ENGINE_PANEL)]
