@@ -149,3 +149,4 @@ def debug() -> bool:
 
 def api_key() -> str | None:
     return os.environ.get("QVL_API_KEY") or None
+
