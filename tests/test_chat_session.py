@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 
 from qwenvl_cli.chat.session import ChatSession, load_conversation, run_repl
 from qwenvl_cli.errors import MediaError, UsageError
 from qwenvl_cli.generation import Chunk, GenerationParams, Timings, Usage
+
+from media_fixtures import make_image
 
 
 class FakeModel:
@@ -155,13 +158,61 @@ def test_save_and_load_roundtrip(tmp_path):
     run(["/system S", "/set seed 3", "/image pic.png", "q1", f"/save {path}"], session)
     data = json.loads(path.read_text())
     assert data["version"] == 1 and data["system"] == "S" and data["params"] == {"seed": 3}
-    assert data["messages"][0]["content"][0] == {"type": "image", "image": "pic.png"}
+    picture = str(Path.cwd() / "pic.png")  # absolute: /load from another folder still finds it
+    assert data["messages"][0]["content"][0] == {"type": "image", "image": picture}
     fresh = ChatSession()
     code, out, err, fresh, model = run([f"/load {path}", "q2"], fresh)
     assert fresh.system == "S" and fresh.params.seed == 3
     sent = model.calls[0][0]
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
-    assert sent[1]["content"][0] == {"type": "image", "image": "pic.png"}
+    assert sent[1]["content"][0] == {"type": "image", "image": picture}
+
+
+def test_save_from_one_folder_load_in_another(tmp_path, monkeypatch):
+    """Relative paths typed in one folder; /save; /load in another: the media still resolve,
+    as absolute paths or, with --embed, as data URIs that need no file at all."""
+    from qwenvl_cli.chat.run import check_media as real_check
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    make_image(here / "cat.png")
+    monkeypatch.chdir(here)
+    session = ChatSession(check_media=real_check)
+    run(["/image cat.png", "q1", f"/save {tmp_path / 'plain.json'}", f"/save --embed {tmp_path / 'embed.json'}"],
+        session)
+    monkeypatch.chdir(there)
+    for name, want in (("plain.json", str(here / "cat.png")), ("embed.json", "data:image/png;base64,")):
+        fresh = ChatSession(check_media=real_check)
+        run([f"/load {tmp_path / name}"], fresh)
+        image = fresh.history[0]["content"][0]["image"]
+        assert image.startswith(want)
+        real_check("image", image)  # resolves from the other folder
+
+
+def test_failed_retry_leaves_the_conversation_as_it_was():
+    session = ChatSession()
+    run(["q1"], session)
+    before = json.loads(json.dumps(session.history))
+    model = FakeModel(error=UsageError("the server went away", "launch it again"))
+    code, out, err, session, _ = run(["/retry"], session, model)
+    assert "error: the server went away" in err
+    assert session.history == before and session.images == [] and session._turn is None
+    run(["/retry"], session)  # and a later /retry still works
+    assert len(session.history) == 2
+
+
+@pytest.mark.parametrize("typed", ['"my photos/a b.png"', "'my photos/a b.png'", "my\\ photos/a\\ b.png",
+                                   "my photos/a b.png"])
+def test_pasted_paths_quoted_or_escaped_are_accepted(tmp_path, monkeypatch, typed):
+    from qwenvl_cli.chat.run import check_media as real_check
+
+    (tmp_path / "my photos").mkdir()
+    make_image(tmp_path / "my photos" / "a b.png")
+    monkeypatch.chdir(tmp_path)
+    session = ChatSession(check_media=real_check)
+    code, out, err, session, _ = run([f"/image {typed}"], session)
+    assert "error" not in err, err
+    assert session.images == ["my photos/a b.png"]
 
 
 def test_load_rejects_bad_files(tmp_path):

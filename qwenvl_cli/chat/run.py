@@ -57,8 +57,8 @@ def checked_media(kind: str, ref: str) -> Any:
 
 
 def check_media(kind: str, ref: str) -> str:
-    """The REPL's check of /image and /video: probe now, keep the reference as typed (it is
-    what /save writes)."""
+    """The REPL's check of /image and /video: probe now, keep the reference as typed (/save
+    writes local paths absolute)."""
     checked_media(kind, ref)
     return ref
 
