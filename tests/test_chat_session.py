@@ -233,3 +233,44 @@ def test_save_writes_atomically_and_reports_unwritable(tmp_path):
     code, out, err, *_ = run([f"/save {tmp_path}/no/such/dir/x.json"])
     assert "cannot write" in err
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_retry_says_once_why_the_answer_repeats_and_how_to_vary_it():
+    code, out, err, session, model = run(["q1", "/retry", "/retry"])
+    assert err.count("note: ") == 1 and "/set temperature 0.7" in err and "--" not in err.split("note: ")[1]
+    code, out, err, session, model = run(["/set top_k 0", "q1", "/retry"])
+    assert "note: " not in err  # the user has chosen sampling: nothing to explain
+
+
+def test_local_backend_sampling_note_names_set_in_the_repl_and_shows_once(monkeypatch):
+    """The warning comes from the engine once per chat, worded for where the user is."""
+    from qwenvl_cli import render
+    from qwenvl_cli.backend import local
+
+    class Engine:
+        notes, load_seconds = (), 0.0
+
+        def describe(self):
+            return {"device": "cpu", "dtype": "float32", "attn": "sdpa"}
+
+        def sampling_note(self, params, repl=False):
+            from qwenvl_cli.engine.engine import Engine as Real
+
+            fake = type("M", (), {"generation_config": type("G", (), {"top_k": 1, "top_p": 0.001})()})()
+            return Real.sampling_note(type("E", (), {"model": fake})(), params, repl=repl)
+
+        def prepare(self, messages):
+            return type("P", (), {"media": []})()
+
+        def stream(self, messages, params, prepared=None):
+            yield Chunk("ok", finish_reason="stop")
+
+    warnings = []
+    monkeypatch.setattr(local, "load_engine", lambda request, options: (Engine(), "tiny"))
+    monkeypatch.setattr(render, "warn", warnings.append)
+    for interactive, spelling in ((True, "/set top_k 0"), (False, "--top-k 0")):
+        warnings.clear()
+        backend = local.load_local(local.LocalRequest(model_path="x", interactive=interactive), None)
+        for _ in range(3):
+            list(backend.respond([], GenerationParams(temperature=0.7)))
+        assert len(warnings) == 1 and spelling in warnings[0], warnings

@@ -86,7 +86,7 @@ def open_backend(request: ChatCommand) -> Backend:
     spec, options = resolve_for_loading(request.query, request.engine_options, request.model_path,
                                         request.force, request.quiet)
     return load_local(LocalRequest(spec, request.model_path, request.revision, request.offline,
-                                   request.quiet, request.verbose), options)
+                                   request.quiet, request.verbose, interactive=request.prompt is None), options)
 
 
 def one_shot(backend: Backend, messages: list[dict[str, Any]], params: GenerationParams,

@@ -68,6 +68,7 @@ class ChatSession:
     _block: list[str] | None = None
     _turn: dict[str, Any] | None = None  # the user turn being answered
     _retried: list[dict[str, Any]] | None = None  # the turn /retry replaces, put back if it fails
+    _retry_explained: bool = False
 
     # --- input ------------------------------------------------------------------------
 
@@ -193,7 +194,13 @@ class ChatSession:
             return Action("error", "no answer to retry yet")
         self._turn, self._retried = self.history[-2], self.history[-2:]
         self.history = self.history[:-2]
-        return Action("generate", messages=self.conversation() + [self._turn])
+        note = ""
+        p = self.params
+        if not self._retry_explained and p.temperature is None and p.top_k is None and p.top_p is None:
+            self._retry_explained = True  # said once: the checkpoint's defaults decide
+            note = ("with the checkpoint's sampling defaults (Qwen2-VL's are near greedy: top_k 1) /retry "
+                    "gives the same answer; /set temperature 0.7, /set top_k 0 and /set top_p 0.9 vary it")
+        return Action("generate", note, messages=self.conversation() + [self._turn])
 
     def _cmd_set(self, arg: str) -> Action:
         name, _, value = arg.partition(" ")
@@ -374,6 +381,8 @@ def run_repl(session: ChatSession, respond: Respond, read_line: Callable[[str], 
         elif action.kind == "error":
             err.write(f"error: {action.text}\n")
         elif action.kind == "generate":
+            if action.text:
+                err.write(f"note: {action.text}\n")
             stream_answer(respond, session, action.messages or [], out, err, stats)
 
 
