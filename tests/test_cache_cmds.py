@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -11,6 +12,7 @@ from hubfixtures import HF_ID, MS_ID, NEEDED, PIN, SHARD1, SHARD2, model_repo, s
 from qwenvl_cli import errors
 from qwenvl_cli.hub import download as hub
 from qwenvl_cli.hub import layout
+from qwenvl_cli.hub.progress import human_bytes
 from qwenvl_cli import settings
 from qwenvl_cli.catalogue.resolve import resolve
 def fetch(hub_name: str, **kw):
@@ -182,7 +184,12 @@ def test_verify_detects_a_flipped_byte_and_download_repairs_it(server, model_rep
     assert layout.local_copy("huggingface", HF_ID, PIN).state != "complete"
 
     server.reset_requests()
-    fetch("huggingface")
+    again = qvl("download", "-s", "2", "--download-hub", "huggingface")
+    assert again.returncode == 0, again.stderr
+    # what it says it fetches is the bad file, and the progress never passes 100%
+    size = human_bytes((model_repo / SHARD1).stat().st_size)
+    assert f"; {size} to fetch" in again.stderr and "0 B to fetch" not in again.stderr
+    assert all(int(pct) <= 100 for pct in re.findall(r"(\d+)% ", again.stderr))
     assert [r.method for r in server.file_requests(SHARD1, "GET")] == ["GET"]  # only the bad file again
     assert not server.file_requests(SHARD2, "GET")
     assert same_bytes(model.path, model_repo)
@@ -196,6 +203,8 @@ def test_verify_reports_a_missing_file(server, qvl):
     assert result.returncode == 1
     [report] = json.loads(result.stdout)
     assert {f["path"]: f["problem"] for f in report["files"] if not f["ok"]} == {"tokenizer.json": "missing"}
+    [entry] = [e for e in cached(qvl) if e["hub"] == "modelscope"]
+    assert entry["state"] == "partial" and entry["missing"] == ["tokenizer.json"]  # not "unverified"
 
 
 def test_verify_without_a_cached_copy(qvl):
