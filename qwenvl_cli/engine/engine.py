@@ -153,7 +153,8 @@ class Engine:
             raise PromptTooLong(
                 f"the prompt is {prompt_tokens} tokens long; the model's context length is {self.context_length}",
                 "shorten the conversation (/clear), or lower --max-pixels / --fps / --max-frames")
-        return Prepared(inputs, prompt_tokens, list(visual.infos), time.perf_counter() - start)
+        infos = vision.processed_infos(list(visual.infos), inputs, self.processor)  # what the model gets
+        return Prepared(inputs, prompt_tokens, infos, time.perf_counter() - start)
 
     # --- generation -----------------------------------------------------------------------
 

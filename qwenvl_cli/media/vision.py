@@ -127,6 +127,8 @@ class VisionInfo:
     fps: float | None = None  # video file: its frame rate
     sample_fps: float | None = None
     indices: tuple[int, ...] | None = field(default=None, repr=False)
+    # set when the checkpoint's processor resized it further (its preprocessor_config max_pixels)
+    processor_max_pixels: int | None = None
 
     def describe(self) -> str:
         size = f"{self.width}x{self.height} -> {self.resized_width}x{self.resized_height}"
@@ -143,6 +145,10 @@ class VisionInfo:
     def cap_note(self) -> str | None:
         """For an image scaled down by the pixel budget: what it would have cost at the
         checkpoint's own limit (16384 tokens) and what it costs now; None otherwise."""
+        if self.processor_max_pixels is not None:
+            return (f"{self.source}: the checkpoint's processor caps {self.kind}s at {self.processor_max_pixels:,} "
+                    f"pixels (its preprocessor_config.json), so the model gets {self.tokens:,} visual tokens "
+                    f"({self.resized_width}x{self.resized_height}); a --max-pixels above that has no effect")
         if self.kind != "image":
             return None
         full_h, full_w = sizing.smart_resize(self.height, self.width,
