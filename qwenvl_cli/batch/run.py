@@ -149,7 +149,7 @@ def _media_problem(request: Request) -> str | None:
     checked before any model is loaded; URLs and data URIs are left to the run."""
     from qwenvl_cli import messages as msgs
     from qwenvl_cli.errors import MediaError
-    from qwenvl_cli.media import sources
+    from qwenvl_cli.media import sources, vision
 
     for message in request.messages:
         for part in message["content"]:
@@ -161,7 +161,7 @@ def _media_problem(request: Request) -> str | None:
             try:
                 for ref in refs:
                     if isinstance(ref, str) and msgs.local_path(ref) is not None:
-                        check(ref)
+                        vision.check_shape(check(ref))
             except MediaError as exc:
                 return f"line {request.line}: {batch_io.error_text(exc)}"
     return None

@@ -51,9 +51,11 @@ class ChatCommand:
 def checked_media(kind: str, ref: str) -> Any:
     """Probe an image or video reference now (exists, readable, within limits) and return the
     checked value (media.sources.ImageSource / VideoSource), which the engine uses as it is."""
-    from qwenvl_cli.media import sources
+    from qwenvl_cli.media import sources, vision
 
-    return (sources.resolve_image if kind == "image" else sources.resolve_video)(ref)
+    source = (sources.resolve_image if kind == "image" else sources.resolve_video)(ref)
+    vision.check_shape(source)  # the aspect ratio too, not only after the model has loaded
+    return source
 
 
 def check_media(kind: str, ref: str) -> str:

@@ -251,3 +251,10 @@ def video_plan(source: VideoSource, defaults: VisionDefaults | None = None,
     return VisionInfo("video", source.source, source.width, source.height, new_w, new_h,
                       sizing.visual_tokens(new_h, new_w, count), frames=count, total_frames=total,
                       fps=fps, sample_fps=sample_fps)
+
+
+def check_shape(source: ImageSource | VideoSource) -> VisionInfo:
+    """Size a checked image or video from its header alone (image_plan / video_plan), so that
+    what cannot be sized (an aspect ratio above 200:1) is refused with the other media checks,
+    before any model loads."""
+    return image_plan(source) if isinstance(source, ImageSource) else video_plan(source)
