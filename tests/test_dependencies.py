@@ -38,11 +38,11 @@ def declared(pyproject: Path) -> dict[str, set[str]]:
     return out
 
 
-def undeclared(files: list[Path], deps: dict[str, set[str]]) -> list[str]:
+def undeclared(files: list[Path], deps: dict[str, set[str]], root: Path = PACKAGE.parent) -> list[str]:
     dists = packages_distributions()
     found = []
     for path in files:
-        where = path.relative_to(PACKAGE.parent).as_posix()
+        where = path.relative_to(root).as_posix()
         extra = EXTRA_OF.get(where, "")
         allowed = deps[""] | deps.get(extra, set())
         for line, target in imports_of(path):
@@ -62,30 +62,27 @@ def test_every_third_party_import_is_a_declared_dependency():
     assert undeclared(modules(), declared(REPO / "pyproject.toml")) == []
 
 
+def probe(tmp_path: Path, pyproject: str, module: str, source: str) -> list[str]:
+    """undeclared() for one made-up module (under tmp_path, never in the package) and pyproject."""
+    (tmp_path / "pyproject.toml").write_text(pyproject)
+    fake = tmp_path / module
+    fake.parent.mkdir(parents=True, exist_ok=True)
+    fake.write_text(source)
+    return undeclared([fake], declared(tmp_path / "pyproject.toml"), root=tmp_path)
+
+
 def test_the_check_catches_an_import_only_the_test_extra_declares(tmp_path):
     """httpx in the test extra only (the bug the README install hit) is reported, by line."""
-    pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text('[project]\nname = "x"\ndependencies = ["rich>=13", "PyYAML"]\n'
-                         '[project.optional-dependencies]\ntest = ["httpx>=0.27"]\n')
-    fake = PACKAGE / "backend" / "_fake_dep_probe.py"
-    fake.write_text("import rich\nimport yaml\n\n\ndef f():\n    import httpx\n")
-    try:
-        found = undeclared([fake], declared(pyproject))
-    finally:
-        fake.unlink()
-    assert found == ["qwenvl_cli/backend/_fake_dep_probe.py:6: imports httpx (from httpx), not declared in "
+    found = probe(tmp_path, '[project]\nname = "x"\ndependencies = ["rich>=13", "PyYAML"]\n'
+                  '[project.optional-dependencies]\ntest = ["httpx>=0.27"]\n', "qwenvl_cli/backend/probe.py",
+                  "import rich\nimport yaml\n\n\ndef f():\n    import httpx\n")
+    assert found == ["qwenvl_cli/backend/probe.py:6: imports httpx (from httpx), not declared in "
                      "pyproject.toml's dependencies"]
 
 
 def test_a_module_of_an_extra_may_import_that_extra(tmp_path, monkeypatch):
-    pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text('[project]\nname = "x"\ndependencies = []\n'
-                         '[project.optional-dependencies]\nquant = ["PyYAML"]\n')
-    fake = PACKAGE / "engine" / "_fake_dep_probe.py"
-    fake.write_text("import yaml\n")
-    try:
-        assert len(undeclared([fake], declared(pyproject))) == 1
-        monkeypatch.setitem(EXTRA_OF, "qwenvl_cli/engine/_fake_dep_probe.py", "quant")
-        assert undeclared([fake], declared(pyproject)) == []
-    finally:
-        fake.unlink()
+    args = (tmp_path, '[project]\nname = "x"\ndependencies = []\n[project.optional-dependencies]\nquant = ["PyYAML"]\n',
+            "qwenvl_cli/engine/probe.py", "import yaml\n")
+    assert len(probe(*args)) == 1
+    monkeypatch.setitem(EXTRA_OF, "qwenvl_cli/engine/probe.py", "quant")
+    assert probe(*args) == []
