@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from qwenvl_cli import install
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -190,7 +192,7 @@ def translate(exc: BaseException) -> QvlError | None:
     if quant_backend:
         return MissingDependency(
             f"{quant_backend.upper()} checkpoints need packages that are not installed: "
-            f'pip install "qvl[{quant_backend}]"', f"transformers said: {one_line(exc, 160)}")
+            f"{install.quant_install_command(quant_backend)}", f"transformers said: {one_line(exc, 160)}")
     if _is_instance_named(exc, {"DecompressionBombError"}):
         return MediaError(one_line(exc), "pass a smaller image")
     if _is_instance_named(exc, {"UnidentifiedImageError"}):

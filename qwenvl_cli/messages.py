@@ -161,7 +161,8 @@ def media_count(messages: list[Message]) -> tuple[int, int]:
 # --- Qwen -> OpenAI (for talking to a remote server) ----------------------------------
 
 
-def _local_path(ref: str) -> Path | None:
+def local_path(ref: str) -> Path | None:
+    """The local file a media reference names (a path or file:// URL), else None (URL, data URI)."""
     if ref.startswith("file://"):
         return Path(ref[len("file://"):])
     if "://" in ref or ref.startswith("data:"):
@@ -179,7 +180,7 @@ def to_openai(messages: list[Message], inline_local: bool = True) -> list[dict[s
     read the client's disk); frame lists are sent as lists of data URIs."""
 
     def url(ref: str, mime: str) -> str:
-        path = _local_path(ref)
+        path = local_path(ref)
         return data_uri(path, mime) if inline_local and path is not None else ref
 
     out = []

@@ -55,15 +55,42 @@ def error(message: str, hint: str | None) -> None:
         console.print(f"[dim]hint: {escape(hint)}[/dim]", soft_wrap=True)
 
 
-def table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
+# Cells at most this long never wrap (sizes, states, formats); longer ones (repo ids, paths)
+# fold at the column's width, so a narrow terminal wraps them, not the short ones letter by letter.
+SHORT_CELL = 16
+
+
+def table(columns: list[str], rows: list[list[str]], title: str | None = None, fold_constant: bool = False) -> None:
+    """A table on stdout that fits the terminal. ``fold_constant``: a column with the same value
+    on every row (of two or more) is left out and said once under the table ("engines: transformers")."""
+    from rich import box
     from rich.table import Table
 
-    tbl = Table(title=title, show_lines=False, header_style="bold")
-    for col in columns:
-        tbl.add_column(col, overflow="fold")
+    rows = [[str(c) for c in row] for row in rows]
+    columns, rows, constant = fold_constant_columns(columns, rows) if fold_constant else (columns, rows, [])
+    tbl = Table(title=title, box=box.SIMPLE_HEAD, show_lines=False, header_style="bold", pad_edge=False)
+    for i, col in enumerate(columns):
+        longest = max([len(r[i]) for r in rows] + [0])
+        short = longest <= SHORT_CELL
+        tbl.add_column(col, overflow="fold", no_wrap=short, min_width=min(len(col), SHORT_CELL) if short else None)
     for row in rows:
-        tbl.add_row(*[escape(str(c)) for c in row])
-    stdout_console().print(tbl)
+        tbl.add_row(*[escape(c) for c in row])
+    console = stdout_console()
+    console.print(tbl)
+    if constant:  # wrapped at word boundaries, like prose
+        console.print(escape("on every row: " + ", ".join(f"{name} {value}" for name, value in constant)),
+                      soft_wrap=False)
+
+
+def fold_constant_columns(columns: list[str], rows: list[list[str]]
+                          ) -> tuple[list[str], list[list[str]], list[tuple[str, str]]]:
+    """(the columns that vary, their rows, [(name, value)] of those with one value on every row)."""
+    if len(rows) < 2:
+        return columns, rows, []
+    same = [i for i in range(len(columns)) if len({r[i] for r in rows}) == 1]
+    keep = [i for i in range(len(columns)) if i not in same]
+    return ([columns[i] for i in keep], [[r[i] for i in keep] for r in rows],
+            [(columns[i], rows[0][i]) for i in same])
 
 
 def key_values(pairs: list[tuple[str, str]], title: str | None = None) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "qwen2-vl-instruct"
 DEFAULT_ENGINE = "transformers"
 HUBS = ("huggingface", "modelscope")
+# The short names the tables print (list-specs, cached), accepted wherever a hub is named.
+HUB_ALIASES = {"hf": "huggingface", "ms": "modelscope"}
 
 # Image pixel budget defaults (what common servers use; the checkpoints' own defaults
 # would turn a 12 MP photo into 15,552 visual tokens).
@@ -147,3 +149,4 @@ def debug() -> bool:
 
 def api_key() -> str | None:
     return os.environ.get("QVL_API_KEY") or None
+

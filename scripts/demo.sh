@@ -29,6 +29,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# One line and a hint, not a traceback, when $PY is not an interpreter qvl is installed for.
+if ! command -v "$PY" >/dev/null 2>&1; then
+    echo "error: no Python interpreter '$PY'" >&2
+    echo "hint: run it as PYTHON=/path/to/venv/bin/python scripts/demo.sh" >&2
+    exit 2
+fi
+MISSING="$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("typer", "httpx", "openai", "uvicorn", "PIL", "torch", "transformers") if u.find_spec(m) is None))' 2>/dev/null || echo "?")"
+if [ -n "$MISSING" ]; then
+    echo "error: $PY cannot run qvl: missing ${MISSING}" >&2
+    echo "hint: install qvl into a virtual environment first (cd $ROOT && pip install -c constraints.txt .), then run PYTHON=/path/to/venv/bin/python scripts/demo.sh" >&2
+    exit 2
+fi
+
 cat <<'EOF'
 +----------------------------------------------------------------------------------+
 | qvl offline demo. The model is a TINY RANDOM Qwen2-VL (under 1 MB, random        |
@@ -42,21 +55,7 @@ say "1. Make the tiny checkpoint"
 "$PY" "$ROOT/scripts/make_tiny_model.py" "$WORK/tiny"
 
 say "2. Serve it from a loopback hub as Qwen/Qwen2-VL-2B-Instruct (at the catalogue's pinned commit)"
-"$PY" - "$ROOT" "$WORK" <<'EOF' &
-import sys, time
-from pathlib import Path
-root, work = Path(sys.argv[1]), Path(sys.argv[2])
-sys.path.insert(0, str(root / "tests"))
-from hubserver import HubServer
-from qwenvl_cli.catalogue.resolve import resolve
-spec = resolve(size_in_billions="2", hub="huggingface")
-hub = HubServer().start()
-hub.add_repo(work / "tiny", hf_id=spec.model_id, ms_id="qwen/Qwen2-VL-2B-Instruct", hf_commit=spec.revision)
-(work / "hub.url.tmp").write_text(hub.url)
-(work / "hub.url.tmp").rename(work / "hub.url")
-while True:
-    time.sleep(3600)
-EOF
+"$PY" "$ROOT/scripts/loopback_hub.py" "$WORK/tiny" "$WORK/hub.url" &
 HUB_PID=$!
 for _ in $(seq 100); do [ -f "$WORK/hub.url" ] && break; sleep 0.1; done
 export HF_ENDPOINT="$(cat "$WORK/hub.url")" MODELSCOPE_ENDPOINT="$(cat "$WORK/hub.url")"

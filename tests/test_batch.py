@@ -127,9 +127,9 @@ def test_bad_lines_get_error_records_and_the_rest_is_answered(tiny_model, media,
     result = batch(tiny_model, inp, out, "--max-tokens", "8")
     assert result.returncode == 1, result.stderr
     got = {r["id"]: r for r in read_jsonl(out)}
-    assert set(got) == {"ok", 2, "no-image", "bad-video", "too-long", "typo", "img"}
+    assert set(got) == {"ok", None, "no-image", "bad-video", "too-long", "typo", "img"}
     assert got["ok"]["error"] is None and got["img"]["error"] is None and got["img"]["text"]
-    assert "not valid JSON" in got[2]["error"]
+    assert got[None]["error"].startswith("line 2: not valid JSON")
     assert "nope.png" in got["no-image"]["error"]
     assert "broken.mp4" in got["bad-video"]["error"]
     assert "context length is 32768" in got["too-long"]["error"]
@@ -143,8 +143,23 @@ def test_fail_fast_stops_at_the_first_failure_before_loading(tiny_model, tmp_pat
     inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
     result = batch(tiny_model, inp, out, "--fail-fast")
     assert result.returncode == 1
-    assert [r["id"] for r in read_jsonl(out)] == [4]
+    assert [r["id"] for r in read_jsonl(out)] == [None]
     assert "--fail-fast" in result.stderr and "loaded" not in result.stderr
+
+
+def test_lines_that_cannot_run_need_no_model_and_report_no_speed(tiny_model, media, tmp_path):
+    """A non-JSON line 2 does not take an explicit id 2; a missing image fails before any model
+    loads, on the first run and on a re-run; the summary has no requests/s when nothing ran."""
+    rows = [{"id": 2, "messages": user({"type": "image", "image": str(media["root"] / "gone.png")}, text("?"))},
+            "not json"]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    for _ in range(2):  # the re-run retries them, still without loading the model
+        result = batch(tiny_model, inp, out)
+        assert result.returncode == 1, result.stderr
+        assert "loaded" not in result.stderr and "requests/s" not in result.stderr
+        assert "2 requests: none reached the model; 2 failed" in result.stderr
+        got = {r["id"]: r["error"] for r in read_jsonl(out)}
+        assert set(got) == {2, None} and "gone.png" in got[2] and got[None].startswith("line 2: not valid JSON")
 
 
 def test_duplicate_ids_stop_before_anything_runs(tiny_model, tmp_path):
@@ -257,7 +272,8 @@ def test_endpoint_answers_equal_local_answers(tiny_model, media, tmp_path, serve
     remote = run_qvl("batch", str(inp), "-o", str(remote_out), "--endpoint", served, "--api-key", KEY,
                      "--batch-size", "3", *args)
     assert remote.returncode == 1, remote.stderr
-    assert "sending 7 requests to tiny-vl" in remote.stderr and "3 at a time" in remote.stderr
+    # gone.png is refused on this side before anything is sent: 6 requests go to the server
+    assert "sending 6 requests to tiny-vl" in remote.stderr and "3 at a time" in remote.stderr
     mine = {r["id"]: r for r in read_jsonl(local_out)}
     theirs = {r["id"]: r for r in read_jsonl(remote_out)}
     assert set(theirs) == {r["id"] for r in rows}
@@ -272,7 +288,8 @@ def test_endpoint_answers_equal_local_answers(tiny_model, media, tmp_path, serve
 
     wrong = run_qvl("batch", str(inp), "-o", str(tmp_path / "w.jsonl"), "--endpoint", served, "--api-key", "nope")
     assert wrong.returncode == 1 and "refused the request" in wrong.stderr and "Traceback" not in wrong.stderr
-    assert (tmp_path / "w.jsonl").read_text() == ""
+    # nothing the server refused was written; only the line that failed on this side
+    assert [r["id"] for r in read_jsonl(tmp_path / "w.jsonl")] == ["gone"]
 
 
 def test_endpoint_that_cannot_be_reached_is_one_line(tmp_path):

@@ -79,8 +79,18 @@ def test_line_without_id_gets_its_line_number():
 def test_bad_lines_become_errors_not_exceptions(text, expected):
     item = parse(text, number=3)
     assert isinstance(item, BadLine) and item.line == 3
+    unreadable = ("not valid JSON", "expected a JSON object", "the id must be")
+    assert item.id == (None if any(u in expected for u in unreadable) else "a")  # no readable id: null
     assert expected in item.error
     assert item.error.startswith("line 3: ")
+
+
+def test_an_unreadable_line_never_takes_an_explicit_id(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join([line(id=2, messages=[{"role": "user", "content": "Hi"}]), "not json", "[1]"]) + "\n")
+    items = batch_io.read_input(path, GenerationParams())  # no DuplicateIds
+    assert [(type(i).__name__, i.id, i.line) for i in items] == [("Request", 2, 1), ("BadLine", None, 2),
+                                                                  ("BadLine", None, 3)]
 
 
 def test_unrelated_extra_keys_are_ignored():
@@ -248,8 +258,15 @@ def test_dims_from_config_reads_flat_and_nested_layouts(tmp_path, tiny_model):
 # --- summary -----------------------------------------------------------------------------------------
 
 
+def test_tally_summary_without_any_request_run_has_no_speed():
+    tally = Tally(total=2, started=100.0, ended=100.004)
+    tally.add(batch_io.record(None, error="line 1: not valid JSON"))
+    assert tally.summary() == '1 requests: none reached the model; 1 failed (their output lines have "error" ' \
+        'set; rerun to retry them)'
+
+
 def test_tally_summary_and_plain_progress_line():
-    tally = Tally(total=10, skipped=4, started=100.0, ended=104.0)
+    tally = Tally(total=10, skipped=4, started=100.0, ended=104.0, timed=True)
     tally.add(ok("a"))
     tally.add(batch_io.record("b", error="boom"))
     text = tally.summary()

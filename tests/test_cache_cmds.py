@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -11,6 +12,7 @@ from hubfixtures import HF_ID, MS_ID, NEEDED, PIN, SHARD1, SHARD2, model_repo, s
 from qwenvl_cli import errors
 from qwenvl_cli.hub import download as hub
 from qwenvl_cli.hub import layout
+from qwenvl_cli.hub.progress import human_bytes
 from qwenvl_cli import settings
 from qwenvl_cli.catalogue.resolve import resolve
 def fetch(hub_name: str, **kw):
@@ -103,7 +105,9 @@ def test_cached_lists_nothing_on_a_fresh_machine(qvl):
 def test_remove_cache_previews_asks_then_deletes(server, qvl):
     hf_path, ms_path = fetch("huggingface").path, fetch("modelscope").path
     table = qvl("cached").stdout
-    assert table.count("complete") == 2 and "qwen/Qwen2-VL-2B-Instruct" in table
+    # two rows (hf, ms); what they share is said once below the table
+    assert "qwen/Qwen2-VL-2B-Instruct" in table and "Qwen/Qwen2-VL-2B-Instruct" in table
+    assert "on every row: spec 2B pytorch, state complete" in table
 
     dry = qvl("remove-cache", "-s", "2", "--dry-run")
     assert dry.returncode == 0 and "to delete: 3.0 MB" in dry.stdout
@@ -180,7 +184,12 @@ def test_verify_detects_a_flipped_byte_and_download_repairs_it(server, model_rep
     assert layout.local_copy("huggingface", HF_ID, PIN).state != "complete"
 
     server.reset_requests()
-    fetch("huggingface")
+    again = qvl("download", "-s", "2", "--download-hub", "huggingface")
+    assert again.returncode == 0, again.stderr
+    # what it says it fetches is the bad file, and the progress never passes 100%
+    size = human_bytes((model_repo / SHARD1).stat().st_size)
+    assert f"; {size} to fetch" in again.stderr and "0 B to fetch" not in again.stderr
+    assert all(int(pct) <= 100 for pct in re.findall(r"(\d+)% ", again.stderr))
     assert [r.method for r in server.file_requests(SHARD1, "GET")] == ["GET"]  # only the bad file again
     assert not server.file_requests(SHARD2, "GET")
     assert same_bytes(model.path, model_repo)
@@ -194,6 +203,8 @@ def test_verify_reports_a_missing_file(server, qvl):
     assert result.returncode == 1
     [report] = json.loads(result.stdout)
     assert {f["path"]: f["problem"] for f in report["files"] if not f["ok"]} == {"tokenizer.json": "missing"}
+    [entry] = [e for e in cached(qvl) if e["hub"] == "modelscope"]
+    assert entry["state"] == "partial" and entry["missing"] == ["tokenizer.json"]  # not "unverified"
 
 
 def test_verify_without_a_cached_copy(qvl):
@@ -232,7 +243,8 @@ def test_list_specs_shows_what_is_cached_from_local_files_only(server, qvl):
     assert all(s == {"huggingface": "absent", "modelscope": "absent"}
                for key, s in states.items() if key != ("pytorch", "2", "none"))
     table = qvl("list-specs", "-s", "2", "-f", "pytorch").stdout
-    assert "cached" in table and "│ hf" in table
+    row = next(line for line in table.splitlines() if "Qwen/Qwen2-VL-2B-Instruct" in line)
+    assert "cached" in table and row.split()[-1] == "hf"
 
 
 # --- progress -------------------------------------------------------------------------------

@@ -170,3 +170,14 @@ def test_ctrl_c_in_one_shot_exits_130(tiny_model):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_an_extreme_aspect_ratio_is_refused_before_the_model_loads(tiny_model, tmp_path):
+    """205:1 cannot be sized: said with the other media checks, not after a model load."""
+    thin = make_image(tmp_path / "thin.png", 2050, 10)
+    started = time.monotonic()
+    proc = run_qvl("chat", "--model-path", str(tiny_model), "--image", str(thin), "What is it?")
+    assert proc.returncode == 2, proc.stderr
+    assert "aspect ratio 205:1 (2050x10) is above 200:1" in proc.stderr
+    assert "loaded" not in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 20

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 
 from qwenvl_cli.chat.session import ChatSession, load_conversation, run_repl
 from qwenvl_cli.errors import MediaError, UsageError
 from qwenvl_cli.generation import Chunk, GenerationParams, Timings, Usage
+
+from media_fixtures import make_image
 
 
 class FakeModel:
@@ -155,13 +158,61 @@ def test_save_and_load_roundtrip(tmp_path):
     run(["/system S", "/set seed 3", "/image pic.png", "q1", f"/save {path}"], session)
     data = json.loads(path.read_text())
     assert data["version"] == 1 and data["system"] == "S" and data["params"] == {"seed": 3}
-    assert data["messages"][0]["content"][0] == {"type": "image", "image": "pic.png"}
+    picture = str(Path.cwd() / "pic.png")  # absolute: /load from another folder still finds it
+    assert data["messages"][0]["content"][0] == {"type": "image", "image": picture}
     fresh = ChatSession()
     code, out, err, fresh, model = run([f"/load {path}", "q2"], fresh)
     assert fresh.system == "S" and fresh.params.seed == 3
     sent = model.calls[0][0]
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
-    assert sent[1]["content"][0] == {"type": "image", "image": "pic.png"}
+    assert sent[1]["content"][0] == {"type": "image", "image": picture}
+
+
+def test_save_from_one_folder_load_in_another(tmp_path, monkeypatch):
+    """Relative paths typed in one folder; /save; /load in another: the media still resolve,
+    as absolute paths or, with --embed, as data URIs that need no file at all."""
+    from qwenvl_cli.chat.run import check_media as real_check
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    make_image(here / "cat.png")
+    monkeypatch.chdir(here)
+    session = ChatSession(check_media=real_check)
+    run(["/image cat.png", "q1", f"/save {tmp_path / 'plain.json'}", f"/save --embed {tmp_path / 'embed.json'}"],
+        session)
+    monkeypatch.chdir(there)
+    for name, want in (("plain.json", str(here / "cat.png")), ("embed.json", "data:image/png;base64,")):
+        fresh = ChatSession(check_media=real_check)
+        run([f"/load {tmp_path / name}"], fresh)
+        image = fresh.history[0]["content"][0]["image"]
+        assert image.startswith(want)
+        real_check("image", image)  # resolves from the other folder
+
+
+def test_failed_retry_leaves_the_conversation_as_it_was():
+    session = ChatSession()
+    run(["q1"], session)
+    before = json.loads(json.dumps(session.history))
+    model = FakeModel(error=UsageError("the server went away", "launch it again"))
+    code, out, err, session, _ = run(["/retry"], session, model)
+    assert "error: the server went away" in err
+    assert session.history == before and session.images == [] and session._turn is None
+    run(["/retry"], session)  # and a later /retry still works
+    assert len(session.history) == 2
+
+
+@pytest.mark.parametrize("typed", ['"my photos/a b.png"', "'my photos/a b.png'", "my\\ photos/a\\ b.png",
+                                   "my photos/a b.png"])
+def test_pasted_paths_quoted_or_escaped_are_accepted(tmp_path, monkeypatch, typed):
+    from qwenvl_cli.chat.run import check_media as real_check
+
+    (tmp_path / "my photos").mkdir()
+    make_image(tmp_path / "my photos" / "a b.png")
+    monkeypatch.chdir(tmp_path)
+    session = ChatSession(check_media=real_check)
+    code, out, err, session, _ = run([f"/image {typed}"], session)
+    assert "error" not in err, err
+    assert session.images == ["my photos/a b.png"]
 
 
 def test_load_rejects_bad_files(tmp_path):
@@ -182,3 +233,44 @@ def test_save_writes_atomically_and_reports_unwritable(tmp_path):
     code, out, err, *_ = run([f"/save {tmp_path}/no/such/dir/x.json"])
     assert "cannot write" in err
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_retry_says_once_why_the_answer_repeats_and_how_to_vary_it():
+    code, out, err, session, model = run(["q1", "/retry", "/retry"])
+    assert err.count("note: ") == 1 and "/set temperature 0.7" in err and "--" not in err.split("note: ")[1]
+    code, out, err, session, model = run(["/set top_k 0", "q1", "/retry"])
+    assert "note: " not in err  # the user has chosen sampling: nothing to explain
+
+
+def test_local_backend_sampling_note_names_set_in_the_repl_and_shows_once(monkeypatch):
+    """The warning comes from the engine once per chat, worded for where the user is."""
+    from qwenvl_cli import render
+    from qwenvl_cli.backend import local
+
+    class Engine:
+        notes, load_seconds = (), 0.0
+
+        def describe(self):
+            return {"device": "cpu", "dtype": "float32", "attn": "sdpa"}
+
+        def sampling_note(self, params, repl=False):
+            from qwenvl_cli.engine.engine import Engine as Real
+
+            fake = type("M", (), {"generation_config": type("G", (), {"top_k": 1, "top_p": 0.001})()})()
+            return Real.sampling_note(type("E", (), {"model": fake})(), params, repl=repl)
+
+        def prepare(self, messages):
+            return type("P", (), {"media": []})()
+
+        def stream(self, messages, params, prepared=None):
+            yield Chunk("ok", finish_reason="stop")
+
+    warnings = []
+    monkeypatch.setattr(local, "load_engine", lambda request, options: (Engine(), "tiny"))
+    monkeypatch.setattr(render, "warn", warnings.append)
+    for interactive, spelling in ((True, "/set top_k 0"), (False, "--top-k 0")):
+        warnings.clear()
+        backend = local.load_local(local.LocalRequest(model_path="x", interactive=interactive), None)
+        for _ in range(3):
+            list(backend.respond([], GenerationParams(temperature=0.7)))
+        assert len(warnings) == 1 and spelling in warnings[0], warnings

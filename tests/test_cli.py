@@ -35,9 +35,10 @@ def test_list_specs_table_and_json():
     table = runner.invoke(app, ["list-specs"])
     assert table.exit_code == 0
     assert "Qwen/Qwen2-VL-72B-Instruct-GPTQ-Int8" in table.stdout
-    assert "qwen/Qwen2-VL-7B-Instruct-AWQ" in table.stdout
+    assert "modelscope same name" in table.stdout  # qwen/... on ModelScope: said once, not per row
     data = json.loads(runner.invoke(app, ["list-specs", "--json"]).stdout)
     assert len(data) == 12
+    assert {d["modelscope"]["model_id"] for d in data if d["size_in_billions"] == "7"} >= {"qwen/Qwen2-VL-7B-Instruct-AWQ"}
     assert {d["model_format"] for d in data} == {"pytorch", "gptq", "awq"}
     assert all(d["engines"] == ["transformers", "vllm"] for d in data)
 
@@ -45,6 +46,22 @@ def test_list_specs_table_and_json():
 def test_list_specs_filters():
     data = json.loads(runner.invoke(app, ["list-specs", "-s", "72", "-f", "gptq", "--json"]).stdout)
     assert [(d["size_in_billions"], d["quantization"]) for d in data] == [("72", "Int4"), ("72", "Int8")]
+
+
+def test_list_specs_model_engine_filter(capsys):
+    data = json.loads(runner.invoke(app, ["list-specs", "--model-engine", "Transformers", "--json"]).stdout)
+    assert len(data) == 12 and all("transformers" in d["engines"] for d in data)
+    short = json.loads(runner.invoke(app, ["list-specs", "-en", "transformers", "-s", "2", "--json"]).stdout)
+    assert {d["size_in_billions"] for d in short} == {"2"}
+    code, _, err = run_main(["list-specs", "--model-engine", "transformer"], capsys)
+    assert code == 2 and "did you mean transformers?" in err
+
+
+@pytest.mark.parametrize("short, hub", [("hf", "huggingface"), ("ms", "modelscope"), ("HF", "huggingface")])
+def test_download_hub_short_names(short, hub):
+    """The tables print hf / ms; the flag takes them too."""
+    data = json.loads(runner.invoke(app, ["resolve", "-s", "7", "-f", "awq", "--download-hub", short, "--json"]).stdout)
+    assert data["hub"] == hub
 
 
 def test_resolve_acceptance_7b_awq_json():
@@ -99,6 +116,29 @@ def test_typo_suggests_close_match(capsys):
 def test_unknown_flag_is_usage_error_exit_2(capsys):
     code, _, err = run_main(["resolve", "--bogus"], capsys)
     assert code == 2 and "No such option" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["launch", "--sise", "2"], "No such option: --sise"),
+    (["chat", "--max-tokens", "many", "hi"], "Invalid value for '--max-tokens': 'many' is not a valid int."),
+    (["terminate", "a", "b"], "unexpected extra argument"),
+    (["frobnicate"], "No such command 'frobnicate'."),
+])
+def test_option_parsing_errors_are_one_line_and_a_hint_not_a_panel(argv, says):
+    """click's errors read like qvl's own (the README's promise): error line, hint line, exit 2."""
+    proc = run_qvl(*argv)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith("error: ") and says in lines[0]
+    assert lines[1].startswith("hint: run `qvl") and "--help`" in lines[1]
+    assert not any(ch in proc.stderr for ch in "╭╰│")
+
+
+def test_help_and_bare_qvl_still_print_the_help():
+    assert run_qvl("launch", "--help").returncode == 0
+    bare = run_qvl()
+    assert bare.returncode == 2 and "Usage: qvl" in bare.stdout + bare.stderr and "error:" not in bare.stderr
 
 
 def test_invalid_user_yaml_exits_1_naming_the_file(tmp_path, monkeypatch, capsys):
@@ -168,3 +208,49 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "qwenvl_cli", "--version"], env=qvl_env(),
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == f"qvl {__version__}"
+
+
+def _narrow_console(monkeypatch, width=80):
+    import io
+
+    from rich.console import Console
+
+    from qwenvl_cli import render
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(render, "stdout_console", lambda: Console(file=buffer, width=width, highlight=False))
+    return buffer
+
+
+def test_list_specs_fits_80_columns_one_line_per_spec(monkeypatch, capsys):
+    """Columns the same on every row are said once below; each spec stays on one line."""
+    buffer = _narrow_console(monkeypatch)
+    code, _, err = run_main(["list-specs"], capsys)
+    assert code == 0, err
+    lines = buffer.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    ids = [line for line in lines if "Qwen/Qwen2-VL-" in line]
+    assert len(ids) == 12 and all(line.split()[-1].startswith("Qwen/Qwen2-VL-") for line in ids)
+    assert "on every row: name qwen2-vl-instruct, engines transformers, modelscope same name" in \
+        " ".join(buffer.getvalue().split())
+    assert "engines" not in lines[1] and "name " not in lines[1]
+
+
+def test_wide_cells_fold_and_short_ones_stay_whole(monkeypatch):
+    """A cached-style table at 80 columns: the long path folds, sizes and states never break."""
+    from qwenvl_cli import render
+
+    buffer = _narrow_console(monkeypatch)
+    hf = "/home/someone/.cache/huggingface/hub/models--Qwen--Qwen2-VL-2B-Instruct"
+    ms = "/home/someone/.cache/modelscope/hub/models/qwen/Qwen2-VL-72B-Instruct-GPTQ-Int8"
+    rows = [["2B pytorch", "hf", "Qwen/Qwen2-VL-2B-Instruct", "895c3a49bc3f", "complete", "4.4 GB", hf],
+            ["72B gptq Int8", "ms", "qwen/Qwen2-VL-72B-Instruct-GPTQ-Int8", "3b5c9d0d6ae1", "complete", "71.2 GB", ms]]
+    render.table(["spec", "hub", "repo", "revision", "state", "size", "path"], rows, fold_constant=True)
+    text = buffer.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for cell in ("2B pytorch", "72B gptq Int8", "4.4 GB", "71.2 GB", "895c3a49bc3f"):
+        assert cell in text, cell
+    body = [line.split() for line in text.splitlines()[3:] if line.strip() and not line.startswith("on every")]
+    path_column = "".join(words[-1] for words in body)  # the last column, folded over a few lines
+    assert hf + ms == path_column
+    assert text.rstrip().endswith("on every row: state complete")

@@ -23,3 +23,19 @@ def test_demo_script_runs_offline_end_to_end(tmp_path):
         assert step in out, step
     assert proc.stdout.rstrip().splitlines()[-3:][0].strip() == "[]"  # list --json after terminate
     assert not list(tmp_path.glob("qvl-demo.*"))  # its temporary folder is gone
+
+
+def test_demo_script_outside_the_venv_says_what_to_do(tmp_path):
+    """An interpreter without qvl's dependencies: one line and a hint, exit 2, no traceback."""
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')  # -S: no site-packages
+    bare.chmod(0o755)
+    env = qvl_env({"PYTHON": str(bare), "TMPDIR": str(tmp_path)})
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and "missing typer" in lines[0]
+    assert lines[1].startswith("hint: ") and "pip install -c constraints.txt ." in lines[1]
+    assert not list(tmp_path.glob("qvl-demo.*"))

@@ -273,3 +273,31 @@ def test_a_prompt_too_large_for_free_gpu_memory_is_refused_with_figures(tiny_mod
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     with pytest.raises(PromptTooLarge, match="GiB more; cuda:0 has 0.0 GiB free"):
         gpu.job(CASES["one image"](media), GREEDY)
+
+
+def test_visual_tokens_follow_the_checkpoints_own_processor_limit(tiny_model, tmp_path):
+    """A checkpoint whose preprocessor_config caps images below qvl's --max-pixels: the info
+    reports the tokens the model really gets (the image pads in the prompt), and says that
+    a larger --max-pixels has no effect."""
+    import json
+    import shutil
+
+    capped = tmp_path / "capped"
+    shutil.copytree(tiny_model, capped)
+    config = json.loads((capped / "preprocessor_config.json").read_text())
+    config.update(min_pixels=3136, max_pixels=28 * 28 * 16)  # 16 visual tokens at most
+    (capped / "preprocessor_config.json").write_text(json.dumps(config))
+    image = make_image(tmp_path / "wide.png", 448, 336)
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "?"}]}]
+    for folder, capped_here in ((capped, True), (tiny_model, False)):
+        engine = Engine.load(folder, EngineOptions(device="cpu"))
+        prepared = engine.prepare(messages)
+        [info] = prepared.media
+        pad = engine.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        assert info.tokens == int((prepared.inputs["input_ids"] == pad).sum())  # what the model got
+        if capped_here:
+            assert info.tokens <= 16 and info.processor_max_pixels == 28 * 28 * 16
+            assert info.resized_width * info.resized_height <= 28 * 28 * 16
+            assert "has no effect" in info.cap_note() and f"{info.tokens} visual tokens" in info.describe()
+        else:
+            assert info.processor_max_pixels is None and info.tokens == 192  # 448x336 / 28^2

@@ -93,7 +93,7 @@ def test_launch_list_chat_terminate(tiny_model, tmp_path):
         assert "qvl terminate e2e" in again.stderr
         assert server_pids(home) == [entry["pid"]]
     finally:
-        stopped = run_qvl("terminate", "e2e")
+        stopped = run_qvl("terminate", "--model-uid", "e2e")  # Xinference's spelling; the positional works too
     assert stopped.returncode == 0, stopped.stderr
     assert "e2e: stopped" in stopped.stderr
     assert server_pids(home) == []
@@ -144,6 +144,11 @@ def test_terminate_and_list_with_nothing_running():
     assert run_qvl("terminate", "--all").returncode == 0
     both = run_qvl("terminate", "x", "--all")
     assert both.returncode == 2
+    for flag in ("--model-uid", "-u"):
+        by_flag = run_qvl("terminate", flag, "nope")
+        assert by_flag.returncode == 1 and "no running model with UID 'nope'" in by_flag.stderr
+    two = run_qvl("terminate", "x", "-u", "y")
+    assert two.returncode == 2 and "two model UIDs" in two.stderr
 
 
 def test_wildcard_host_without_key_warns(tiny_model):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qwenvl_cli"
-GROUND = ("errors", "settings", "messages", "generation", "render", "__init__")
+GROUND = ("errors", "settings", "messages", "generation", "render", "install", "__init__")
 # Rank of each wing: a module may import its own wing and wings of a lower rank. Wings of the
 # same rank (catalogue and media; fit and hub; chat and batch) do not import each other.
 RANKS = {"ground": 0, "catalogue": 1, "media": 1, "fit": 2, "hub": 2, "engine": 3, "serve": 4,

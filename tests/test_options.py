@@ -83,3 +83,29 @@ def test_one_shot_chat_checks_each_image_once(monkeypatch, tmp_path):
     code = chat_run.run(chat_run.ChatCommand(prompt="what?", images=(str(path),), quiet=True))
     assert code == 0 and len(probes) == 1
     assert seen["inputs"].infos[0].width == 64
+
+
+def test_context_length_above_the_models_is_refused(capsys):
+    """Qwen2-VL serves at most 32,768 tokens: a longer --context-length is bad usage, not a plan."""
+    from qwenvl_cli.catalogue.load import load_catalogue
+    from qwenvl_cli.cli.options import MAX_CONTEXT_LENGTH
+
+    assert {fam.context_length for fam in load_catalogue().families} == {MAX_CONTEXT_LENGTH}
+    for command in (["resolve"], ["list-specs", "--fit"]):
+        code, out, err = run_main([*command, "--context-length", "65536"], capsys)
+        assert code == 2 and out == "", err
+        assert "--context-length" in err and "32768" in err and "Traceback" not in err
+    code, _, err = run_main(["resolve", "--context-length", "32768", "--json"], capsys)
+    assert code == 0, err
+
+
+def test_decode_loop_help_says_what_auto_picks_on_each_device():
+    """--decode-loop auto is qvl's loop on CPU and CUDA alike; the help must not say generate."""
+    from qwenvl_cli.cli.options import DecodeLoop
+    from qwenvl_cli.engine import fastpath
+
+    text = DecodeLoop.__metadata__[0].help
+    for on_gpu in (False, True):
+        assert fastpath.resolve(EngineOptions(), on_gpu=on_gpu).loop == "qvl"
+    assert "qvl's loop everywhere" in text and "on a CPU it runs on the calling thread" in text
+    assert "generate on CPU" not in text

@@ -24,8 +24,10 @@ Bounds, for an image prompt's logits (all positions) on CPU in float32, as relat
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -70,8 +72,44 @@ def test_missing_backend_names_the_install_command(monkeypatch, fmt, missing):
     monkeypatch.setitem(sys.modules, missing, None)  # find_spec answers None, import fails
     with pytest.raises(MissingDependency) as info:
         packages.require_backend(fmt, "cpu")
-    assert f'pip install "qvl[{fmt}]"' in info.value.message and missing in info.value.message
+    assert packages.install_command(fmt) in info.value.message and missing in info.value.message
     assert info.value.exit_code == 1 and "\n" not in info.value.message
+
+
+def test_install_hint_follows_where_qvl_was_installed(monkeypatch, tmp_path):
+    """A checkout gets the README's command run there (the registry may not have qvl at all);
+    a wheel / PyPI install gets the extra by name; a `pip install .` finds its checkout through
+    direct_url.json."""
+    from qwenvl_cli import install
+
+    readme_quant = 'pip install -c constraints.txt -c constraints-quant.txt ".[quant]"'
+    assert readme_quant in (REPO / "README.md").read_text() and readme_quant in (REPO / "docs" / "quantization.md").read_text()
+    assert install.checkout_root() == REPO  # these tests run from the checkout
+    assert packages.install_command("awq") == f"cd {REPO} && {readme_quant}"
+    assert packages.install_command("gptq", upgrade=True) == f"cd {REPO} && {readme_quant.replace('install', 'install -U')}"
+
+    checkout = tmp_path / "qvl src"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text('[project]\nname = "qvl"\n')
+    (checkout / "constraints.txt").write_text("")
+    dir_url = json.dumps({"url": checkout.as_uri(), "dir_info": {}})
+    wheel_url = json.dumps({"url": (tmp_path / "qvl-0.1.0-py3-none-any.whl").as_uri(), "archive_info": {}})
+    assert install.checkout_from_direct_url(dir_url) == checkout
+    assert install.checkout_from_direct_url(wheel_url) is None and install.checkout_from_direct_url(None) is None
+
+    class Dist:
+        def __init__(self, text):
+            self.text = text
+
+        def read_text(self, name):
+            return self.text if name == "direct_url.json" else None
+
+    real = install._is_checkout
+    monkeypatch.setattr(install, "_is_checkout", lambda folder: folder != REPO and real(folder))  # site-packages
+    for text, expected in ((dir_url, f"cd '{checkout}' && {readme_quant}"), (wheel_url, 'pip install "qvl[awq]"'),
+                           (None, 'pip install "qvl[awq]"')):
+        monkeypatch.setattr(importlib.metadata, "distribution", lambda name, t=text: Dist(t))
+        assert packages.install_command("awq") == expected
 
 
 def test_gptq_without_optimum_names_it(monkeypatch):
@@ -131,7 +169,7 @@ def test_preflight_imports_nothing_heavy():
             "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=qvl_env(), capture_output=True, text=True,
                          timeout=60, check=True).stdout.splitlines()
-    assert out == ['AWQ checkpoints need gptqmodel, which is not installed: pip install "qvl[awq]"', "[]"]
+    assert out == [f"AWQ checkpoints need gptqmodel, which is not installed: {packages.install_command('awq')}", "[]"]
 
 
 def test_engine_stops_before_loading_without_the_backend(fixtures, monkeypatch):
@@ -139,15 +177,15 @@ def test_engine_stops_before_loading_without_the_backend(fixtures, monkeypatch):
     from qwenvl_cli.engine.options import EngineOptions
 
     monkeypatch.setitem(sys.modules, "gptqmodel", None)
-    with pytest.raises(MissingDependency, match=r'pip install "qvl\[gptq\]"'):
+    with pytest.raises(MissingDependency, match=re.escape(packages.install_command("gptq"))):
         Engine.load(fixtures["gptq-int8"], EngineOptions(device="cpu"))
 
 
 def test_transformers_backend_errors_are_translated():
     name_error = translate(NameError("name 'QuantizeConfig' is not defined"))
-    assert isinstance(name_error, MissingDependency) and 'qvl[gptq]' in name_error.message
+    assert isinstance(name_error, MissingDependency) and packages.install_command("gptq") in name_error.message
     awq = translate(ImportError("Loading an AWQ quantized model requires gptqmodel. Please install it"))
-    assert isinstance(awq, MissingDependency) and 'qvl[awq]' in awq.message
+    assert isinstance(awq, MissingDependency) and packages.install_command("awq") in awq.message
     assert translate(ImportError("No module named 'foo'")) is None
 
 
@@ -250,5 +288,5 @@ def test_launch_and_chat_stop_before_any_download_without_the_backend(command):
     assert done.returncode == 1, done.stderr
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
-    assert lines[0].startswith("error:") and 'pip install "qvl[' in lines[0]
+    assert lines[0].startswith("error:") and packages.install_command("awq") in lines[0]
     assert "cannot reach" not in done.stderr and "Traceback" not in done.stderr

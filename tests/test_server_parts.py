@@ -284,6 +284,19 @@ def test_default_policy_reads_no_local_file_and_fetches_nothing(tmp_path):
         media.video("https://127.0.0.1:9/a.mp4")
 
 
+def test_each_refusal_names_the_flag_that_allows_it(tmp_path):
+    """No hints in a circle: a refused file names --allow-local-media, a refused URL
+    --allow-remote-media, and neither suggests the other refused kind."""
+    image = make_image(tmp_path / "a.png")
+    media = _media(tmp_path)
+    with pytest.raises(MediaError) as local:
+        media.image(str(image))
+    assert "--allow-local-media DIR" in local.value.hint and "URL" not in local.value.hint
+    with pytest.raises(MediaError) as remote:
+        media.image("http://127.0.0.1:9/a.png")
+    assert "--allow-remote-media" in remote.value.hint and "local file" not in remote.value.hint
+
+
 class _Files(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass

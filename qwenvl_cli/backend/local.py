@@ -42,6 +42,7 @@ class LocalRequest:
     offline: bool = False
     quiet: bool = False
     verbose: bool = False
+    interactive: bool = False  # the REPL: notes name /set, not flags
 
 
 def resolve_for_loading(query: SpecQuery, engine_options: EngineOptions, model_path: str | None,
@@ -96,9 +97,12 @@ def load_local(request: LocalRequest, engine_options: EngineOptions) -> Backend:
     engine, name = load_engine(request, engine_options)
     described = engine.describe()
 
+    shown: set[str] = set()  # each sampling note once, not on every message of a chat
+
     def respond(messages: list[dict[str, Any]], params: GenerationParams) -> Iterator[Chunk]:
-        note = engine.sampling_note(params)
-        if note and not request.quiet:
+        note = engine.sampling_note(params, repl=request.interactive)
+        if note and not request.quiet and note not in shown:
+            shown.add(note)
             render.warn(note)
         prepared = engine.prepare(messages)
         for info in prepared.media if not request.quiet else ():

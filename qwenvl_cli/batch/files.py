@@ -2,7 +2,9 @@
 
 Input: one JSON object per line, ``{"id": ..., "messages": [...], <generation options>}``
 (OpenAI or Qwen content parts), or an OpenAI Batch API line (``custom_id`` + ``body``).
-A line without an id gets its 1-based line number as id. Output: one record per request,
+A line without an id gets its 1-based line number as id; a line whose id cannot be read (not
+JSON, not an object, an id that is not a string or an integer) gets ``"id": null`` and an
+error naming its line, so it never takes an id another line gives explicitly. Output: one record per request,
 ``{"id", "text", "usage", "finish_reason", "error"}``, appended and flushed as it finishes.
 
 Resumption: ids answered successfully in an existing output are skipped; lines with an
@@ -105,14 +107,14 @@ def parse_line(text: str, number: int, defaults: GenerationParams, image_opts: d
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        return BadLine(number, number, f"line {number}: not valid JSON: {exc.msg} (column {exc.colno})")
+        return BadLine(None, number, f"line {number}: not valid JSON: {exc.msg} (column {exc.colno})")
     if not isinstance(data, dict):
-        return BadLine(number, number, f"line {number}: expected a JSON object, got {type(data).__name__}")
+        return BadLine(None, number, f"line {number}: expected a JSON object, got {type(data).__name__}")
     id_ = data.get("custom_id", data.get("id")) if "body" in data else data.get("id")
     if id_ is None:
         id_ = number
     elif not isinstance(id_, (str, int)) or isinstance(id_, bool):
-        return BadLine(number, number, f"line {number}: the id must be a string or an integer, not {id_!r}")
+        return BadLine(None, number, f"line {number}: the id must be a string or an integer, not {id_!r}")
     body = data.get("body") if isinstance(data.get("body"), dict) else data
     try:
         params = line_params(body, defaults).validated()
@@ -157,7 +159,8 @@ def length_proxy(messages: list[dict[str, Any]]) -> tuple[int, int, int]:
 def check_unique(items: Iterable[Request | BadLine]) -> None:
     seen: dict[str, list[int]] = {}
     for item in items:
-        seen.setdefault(id_key(item.id), []).append(item.line)
+        if item.id is not None:  # a line with no readable id: its record says its line instead
+            seen.setdefault(id_key(item.id), []).append(item.line)
     dups = [(k, lines) for k, lines in seen.items() if len(lines) > 1]
     if dups:
         shown = "; ".join(f"id {k} on lines {', '.join(map(str, lines))}" for k, lines in dups[:5])

@@ -25,6 +25,7 @@ class Tally:
     completion_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     ended: float | None = None
+    timed: bool = False  # some request went to a model: the speeds mean something
 
     def add(self, rec: dict[str, Any]) -> None:
         self.done += 1
@@ -55,9 +56,12 @@ class Tally:
         """'64 requests in 12.3 s: 5.2 requests/s, 830 tokens/s generated (1,234 prompt
         tokens/s); 2 failed; 10 skipped (answered before)'."""
         head = f"{self.done} of {self.total} requests" if interrupted else f"{self.done} requests"
-        parts = [f"{head} in {self.seconds:.1f} s: {self.requests_per_second:.2f} requests/s, "
-                 f"{self.tokens_per_second:.1f} tokens/s generated "
-                 f"({self.prompt_tokens / self.seconds:.1f} prompt tokens/s)"]
+        if self.timed:
+            parts = [f"{head} in {self.seconds:.1f} s: {self.requests_per_second:.2f} requests/s, "
+                     f"{self.tokens_per_second:.1f} tokens/s generated "
+                     f"({self.prompt_tokens / self.seconds:.1f} prompt tokens/s)"]
+        else:  # every line failed before any model ran: no speed to report
+            parts = [f"{head}: none reached the model"]
         if self.failed:
             parts.append(f"{self.failed} failed (their output lines have \"error\" set; rerun to retry them)")
         if self.skipped:

@@ -69,7 +69,7 @@ def run(request: BatchCommand) -> int:
     output, existing = batch_io.open_output(request.output, request.input)
     todo = list(batch_io.pending(items, existing))
     tally = Tally(total=len(todo), skipped=len(items) - len(todo))
-    retried = sum(1 for item in todo if batch_io.id_key(item.id) in existing.failed)
+    retried = sum(1 for item in todo if isinstance(item, Request) and batch_io.id_key(item.id) in existing.failed)
     if retried and not request.quiet:
         render.status(f"retrying {retried} request(s) that failed in an earlier run")
     try:
@@ -120,16 +120,19 @@ def _answer(request: BatchCommand, source: Any, todo: list[Request | BadLine], s
             tally: Tally) -> None:
     """Write the bad lines' records, then answer the rest through the server (``source`` a
     remote.Target) or with the model loaded here (``source`` the checked spec and options)."""
-    good = [item for item in todo if isinstance(item, Request)]
+    good = []
     for item in todo:
-        if isinstance(item, BadLine):
-            emit(record(item.id, error=item.error))
+        problem = item.error if isinstance(item, BadLine) else _media_problem(item)
+        if problem is None:
+            good.append(item)
+        else:  # a bad line, or a local file that is missing or not an image: no model needed to say so
+            emit(record(item.id, error=problem))
     if not good:
         return
     if not isinstance(source, tuple):
         from qwenvl_cli.batch import remote as batch_remote
 
-        tally.started = _now()
+        tally.started, tally.timed = _now(), True
         batch_remote.run(source, good, size or batch_plan.REMOTE_CONCURRENCY, emit, quiet=request.quiet)
         return
     from qwenvl_cli.batch import local as batch_local
@@ -138,8 +141,31 @@ def _answer(request: BatchCommand, source: Any, todo: list[Request | BadLine], s
     sizing = _sizing(engine, good, size, request.media_flags.get("max_pixels"))
     if sizing.reason and not request.quiet:
         render.status(sizing.reason)
-    tally.started = _now()  # speed is measured from the first batch, not from the load
+    tally.started, tally.timed = _now(), True  # speed is measured from the first batch, not from the load
     batch_local.run(engine, batch_plan.plan_batches(good, sizing.size), emit)
+
+
+def _media_problem(request: Request) -> str | None:
+    """Why the request's local media cannot be read (missing, not an image, too many pixels),
+    checked before any model is loaded; URLs and data URIs are left to the run."""
+    from qwenvl_cli import messages as msgs
+    from qwenvl_cli.errors import MediaError
+    from qwenvl_cli.media import sources, vision
+
+    for message in request.messages:
+        for part in message["content"]:
+            kind = part.get("type")
+            if kind not in ("image", "video"):
+                continue
+            refs = part[kind] if isinstance(part[kind], list) else [part[kind]]
+            check = sources.resolve_image if kind == "image" or len(refs) > 1 else sources.resolve_video
+            try:
+                for ref in refs:
+                    if isinstance(ref, str) and msgs.local_path(ref) is not None:
+                        vision.check_shape(check(ref))
+            except MediaError as exc:
+                return f"line {request.line}: {batch_io.error_text(exc)}"
+    return None
 
 
 def _check_spec(request: BatchCommand) -> tuple[Any, Any]:

@@ -153,9 +153,10 @@ def _resolve_hub(hub: str | None, defaulted: list[str]) -> str:
         defaulted.append("hub")
     choices = [*settings.HUBS, "auto"]
     value = hub.strip().lower()
+    value = settings.HUB_ALIASES.get(value, value)
     if value not in choices:
         raise NoMatchingSpec(f"unknown hub {hub!r}{did_you_mean(hub, choices)}",
-                             "valid values for --download-hub: " + ", ".join(choices))
+                             "valid values for --download-hub: " + ", ".join(choices) + " (or hf, ms)")
     return value
 
 
@@ -185,8 +186,8 @@ def _src_dict(source: HubSource | None) -> dict[str, str] | None:
 
 
 def filter_rows(catalogue: Catalogue, model_name: str | None = None, model_format: str | None = None,
-                size_in_billions: str | None = None, quantization: str | None = None
-                ) -> list[dict[str, Any]]:
+                size_in_billions: str | None = None, quantization: str | None = None,
+                model_engine: str | None = None) -> list[dict[str, Any]]:
     """The list-specs rows matching the given filters (case-insensitive).
 
     A filter value that no row has is an error naming the valid values, so a typo does
@@ -195,18 +196,22 @@ def filter_rows(catalogue: Catalogue, model_name: str | None = None, model_forma
     out = spec_rows(catalogue)
     filters = [("model_name", model_name, "--model-name"), ("model_format", model_format, "--model-format"),
                ("size_in_billions", size_in_billions, "--size-in-billions"),
-               ("quantization", quantization, "--quantization")]
+               ("quantization", quantization, "--quantization"), ("engines", model_engine, "--model-engine")]
     for key, value, flag in filters:
         if value is None:
             continue
-        choices = unique(r[key] for r in out)
         wanted = value.strip().lower()
-        if key == "size_in_billions":
-            try:
-                wanted = size_display(parse_size(value))
-            except ValueError:
-                wanted = value
-        matched = [r for r in out if r[key].lower() == wanted]
+        if key == "engines":  # a list per row: keep the rows that list the engine
+            choices = unique(e for r in out for e in r[key])
+            matched = [r for r in out if wanted in (e.lower() for e in r[key])]
+        else:
+            choices = unique(r[key] for r in out)
+            if key == "size_in_billions":
+                try:
+                    wanted = size_display(parse_size(value))
+                except ValueError:
+                    wanted = value
+            matched = [r for r in out if r[key].lower() == wanted]
         if not matched:
             raise NoMatchingSpec(
                 f"no spec with {flag} {value!r}{did_you_mean(value, choices)}",

@@ -51,14 +51,16 @@ class ChatCommand:
 def checked_media(kind: str, ref: str) -> Any:
     """Probe an image or video reference now (exists, readable, within limits) and return the
     checked value (media.sources.ImageSource / VideoSource), which the engine uses as it is."""
-    from qwenvl_cli.media import sources
+    from qwenvl_cli.media import sources, vision
 
-    return (sources.resolve_image if kind == "image" else sources.resolve_video)(ref)
+    source = (sources.resolve_image if kind == "image" else sources.resolve_video)(ref)
+    vision.check_shape(source)  # the aspect ratio too, not only after the model has loaded
+    return source
 
 
 def check_media(kind: str, ref: str) -> str:
-    """The REPL's check of /image and /video: probe now, keep the reference as typed (it is
-    what /save writes)."""
+    """The REPL's check of /image and /video: probe now, keep the reference as typed (/save
+    writes local paths absolute)."""
     checked_media(kind, ref)
     return ref
 
@@ -86,7 +88,7 @@ def open_backend(request: ChatCommand) -> Backend:
     spec, options = resolve_for_loading(request.query, request.engine_options, request.model_path,
                                         request.force, request.quiet)
     return load_local(LocalRequest(spec, request.model_path, request.revision, request.offline,
-                                   request.quiet, request.verbose), options)
+                                   request.quiet, request.verbose, interactive=request.prompt is None), options)
 
 
 def one_shot(backend: Backend, messages: list[dict[str, Any]], params: GenerationParams,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -29,7 +30,8 @@ HELP = """Commands:
   /system TEXT       set the system prompt (/system alone clears it)
   /set NAME VALUE    max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop
   /show              model, settings and token usage of this conversation
-  /save FILE         save the conversation (with its media references) as JSON
+  /save FILE         save the conversation as JSON (media as absolute paths;
+                     /save --embed FILE puts the media in the file)
   /load FILE         load a conversation saved with /save
   /retry             generate the last answer again
   /undo              forget the last question and its answer
@@ -65,6 +67,8 @@ class ChatSession:
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     _block: list[str] | None = None
     _turn: dict[str, Any] | None = None  # the user turn being answered
+    _retried: list[dict[str, Any]] | None = None  # the turn /retry replaces, put back if it fails
+    _retry_explained: bool = False
 
     # --- input ------------------------------------------------------------------------
 
@@ -115,13 +119,18 @@ class ChatSession:
         if self._turn is None:
             return
         self.history += [self._turn, msgs.text_message("assistant", answer.text)]
-        self._turn = None
+        self._turn, self._retried = None, None
         if answer.usage:
             self.usage["prompt_tokens"] += answer.usage.prompt_tokens
             self.usage["completion_tokens"] += answer.usage.completion_tokens
 
     def fail(self) -> None:
-        """The answer could not be generated: forget the turn, give back its media."""
+        """The answer could not be generated: forget the turn, give back its media; a failed
+        /retry puts the question and answer it replaced back, as they were."""
+        if self._retried is not None:
+            self.history += self._retried
+            self._turn, self._retried = None, None
+            return
         if self._turn is not None:
             for part in self._turn["content"]:
                 if part["type"] == "image":
@@ -152,6 +161,7 @@ class ChatSession:
         return Action("exit")
 
     def _attach(self, kind: str, arg: str, target: list[str]) -> Action:
+        arg = unquote_path(arg)
         if not arg:
             return Action("error", f"/{kind} needs a path, URL or data URI")
         ref = self.check_media(kind, arg) if self.check_media else arg
@@ -182,9 +192,15 @@ class ChatSession:
     def _cmd_retry(self, arg: str) -> Action:
         if len(self.history) < 2:
             return Action("error", "no answer to retry yet")
-        self._turn = self.history[-2]
+        self._turn, self._retried = self.history[-2], self.history[-2:]
         self.history = self.history[:-2]
-        return Action("generate", messages=self.conversation() + [self._turn])
+        note = ""
+        p = self.params
+        if not self._retry_explained and p.temperature is None and p.top_k is None and p.top_p is None:
+            self._retry_explained = True  # said once: the checkpoint's defaults decide
+            note = ("with the checkpoint's sampling defaults (Qwen2-VL's are near greedy: top_k 1) /retry "
+                    "gives the same answer; /set temperature 0.7, /set top_k 0 and /set top_p 0.9 vary it")
+        return Action("generate", note, messages=self.conversation() + [self._turn])
 
     def _cmd_set(self, arg: str) -> Action:
         name, _, value = arg.partition(" ")
@@ -209,10 +225,16 @@ class ChatSession:
         return Action("print", "\n".join(lines))
 
     def _cmd_save(self, arg: str) -> Action:
+        embed = arg.startswith("--embed")
+        arg = unquote_path(arg[len("--embed"):] if embed else arg)
         if not arg:
-            raise UsageError("/save needs a file name", "e.g. /save chat.json")
+            raise UsageError("/save needs a file name", "e.g. /save chat.json, or /save --embed chat.json")
         path = Path(arg).expanduser()
-        data = {"version": SAVE_VERSION, "system": self.system, "messages": self.history,
+        try:
+            history = saved_media(self.history, embed)
+        except OSError as exc:
+            raise UsageError(f"cannot embed {exc.filename}: {exc.strerror}", "/save without --embed") from None
+        data = {"version": SAVE_VERSION, "system": self.system, "messages": history,
                 "params": {k: v for k, v in asdict(self.params).items()
                            if v is not None and v != () and v is not False}}
         tmp = path.with_name(path.name + ".tmp")
@@ -226,9 +248,53 @@ class ChatSession:
     def _cmd_load(self, arg: str) -> Action:
         if not arg:
             raise UsageError("/load needs a file name", "e.g. /load chat.json")
+        arg = unquote_path(arg)
         self.system, self.history, params = load_conversation(Path(arg).expanduser())
         self.params = replace(self.params, **params).validated()
         return Action("print", f"loaded {len(self.history) // 2} turns from {arg}")
+
+
+def unquote_path(arg: str) -> str:
+    """A path as file managers paste it: '"a b.png"', "'a b.png'" or a\\ b.png -> a b.png."""
+    arg = arg.strip()
+    if len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "'\"":
+        return arg[1:-1]
+    if "\\" in arg and os.sep == "/":
+        import shlex
+
+        try:
+            parts = shlex.split(arg)
+        except ValueError:
+            return arg
+        return parts[0] if len(parts) == 1 else arg
+    return arg
+
+
+def saved_media(history: list[dict[str, Any]], embed: bool) -> list[dict[str, Any]]:
+    """The conversation as /save writes it: local media as absolute paths (so /load works from
+    any folder), or with ``embed`` as data URIs (the file then stands alone)."""
+
+    def ref(value: Any, mime: str) -> Any:
+        if isinstance(value, list):
+            return [ref(item, "image/jpeg") for item in value]
+        path = msgs.local_path(value) if isinstance(value, str) else None
+        if path is None:
+            return value
+        if embed and path.is_file():
+            return msgs.data_uri(path, mime)
+        return str(path.absolute())
+
+    out = []
+    for message in history:
+        parts = []
+        for part in message["content"]:
+            if part.get("type") == "image":
+                part = {**part, "image": ref(part["image"], "image/png")}
+            elif part.get("type") == "video":
+                part = {**part, "video": ref(part["video"], "video/mp4")}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out
 
 
 def parse_setting(name: str, value: str) -> Any:
@@ -315,6 +381,8 @@ def run_repl(session: ChatSession, respond: Respond, read_line: Callable[[str], 
         elif action.kind == "error":
             err.write(f"error: {action.text}\n")
         elif action.kind == "generate":
+            if action.text:
+                err.write(f"note: {action.text}\n")
             stream_answer(respond, session, action.messages or [], out, err, stats)
 
 

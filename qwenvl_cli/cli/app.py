@@ -60,9 +60,20 @@ for group in (specs, models, serve, chat, batch):
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every expected failure into one line + a hint."""
     try:
-        app(args=argv, prog_name="qvl")
+        # standalone_mode=False: click hands option-parsing errors here instead of printing a
+        # boxed panel, so they read like every other error (one line + a hint, exit 2).
+        code = app(args=argv, prog_name="qvl", standalone_mode=False)
     except SystemExit:
         raise
+    except typer.TyperException as exc:  # click's errors (typer vendors click): bad usage
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `qvl`: its help, as before
+            typer.echo(exc.format_message(), err=True)
+        else:
+            render.error(_usage_message(exc), _usage_hint(exc))
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C / Ctrl-D at a confirmation prompt
+        render.stderr_console().print("[dim]interrupted[/dim]")
+        sys.exit(130)
     except BaseException as exc:  # noqa: BLE001 - the one place errors are rendered
         if isinstance(exc, KeyboardInterrupt):
             render.stderr_console().print("[dim]interrupted[/dim]")
@@ -75,3 +86,15 @@ def main(argv: list[str] | None = None) -> None:
                              "rerun with QVL_DEBUG=1 to see the traceback, and report it")
         render.error(error.message, error.hint)
         sys.exit(getattr(error, "exit_code", EXIT_FAILURE))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(exc: typer.TyperException) -> str:
+    """click's message on one line ("No such option: --sise Did you mean --size?")."""
+    return " ".join(exc.format_message().split())
+
+
+def _usage_hint(exc: typer.TyperException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else "qvl"
+    return f"run `{path} --help` to see its arguments and options"

@@ -110,7 +110,8 @@ def cached(json_output: JsonOutput = False) -> None:
     if not entries:
         render.note(f"no cached models in {settings.hf_hub_cache()} or {settings.modelscope_cache()}")
         return
-    render.table(["spec", "hub", "repo", "revision", "state", "size", "path"], [_cached_row(e) for e in entries])
+    render.table(["spec", "hub", "repo", "revision", "state", "size", "path"], [_cached_row(e) for e in entries],
+                 fold_constant=True)
 
 
 def _cached_row(e) -> list[str]:

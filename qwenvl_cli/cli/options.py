@@ -41,9 +41,13 @@ MEMORY_PANEL = "Memory"
 GpuIdx = Annotated[Optional[str], typer.Option(
     "--gpu-idx", help="GPUs to use, e.g. 0 or 0,1, numbered as CUDA sees them after "
     "CUDA_VISIBLE_DEVICES (default: all visible).", rich_help_panel=MEMORY_PANEL, show_default=False)]
+# Qwen2-VL's context length (max_position_embeddings), the same for every spec of the catalogue
+# (tests/test_options.py checks it against the catalogue): a longer one cannot be served.
+MAX_CONTEXT_LENGTH = 32768
 ContextLength = Annotated[Optional[int], typer.Option(
-    "--context-length", min=1, help="Tokens of KV cache to plan memory for (default: the model's "
-    "context length, 32768).", rich_help_panel=MEMORY_PANEL, show_default=False)]
+    "--context-length", min=1, max=MAX_CONTEXT_LENGTH, help="Tokens of KV cache to plan memory for, at most "
+    f"the model's context length (the default: {MAX_CONTEXT_LENGTH:,}).", rich_help_panel=MEMORY_PANEL,
+    show_default=False)]
 MaxPixels = Annotated[Optional[int], typer.Option(
     "--max-pixels", metavar="N", help="Upper bound on the pixels of each image and video frame "
     "after resizing (default for images: 1003520 = 1280*28*28, about 1,280 visual tokens; video frames: "
@@ -96,8 +100,9 @@ StaticCache = Annotated[str, typer.Option(
     "--static-cache", metavar="auto|on|off", help="Preallocated KV cache in power-of-two buckets (auto: "
     "with --compile).", rich_help_panel=ENGINE_PANEL)]
 DecodeLoop = Annotated[str, typer.Option(
-    "--decode-loop", metavar="LOOP", help="auto (qvl's loop on CUDA: sampling on the GPU, no host sync "
-    "per token; transformers' generate on CPU), qvl or generate.", rich_help_panel=ENGINE_PANEL)]
+    "--decode-loop", metavar="LOOP", help="auto or qvl (qvl's loop everywhere: on CUDA it samples on the GPU "
+    "with no host sync per token; on a CPU it runs on the calling thread), or generate (transformers' "
+    "generate, unchanged).", rich_help_panel=ENGINE_PANEL)]
 GpuPreprocess = Annotated[str, typer.Option(
     "--gpu-preprocess", metavar="auto|on|off", help="Normalise and patch images and video frames on the "
     "GPU (auto: on CUDA).", rich_help_panel=ENGINE_PANEL)]

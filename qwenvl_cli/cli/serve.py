@@ -124,6 +124,9 @@ def list_models(json_output: JsonOutput = False) -> None:
 def terminate(
     model_uid: Annotated[Optional[str], typer.Argument(metavar="UID", help="The model to stop.",
                                                        show_default=False)] = None,
+    uid_option: Annotated[Optional[str], typer.Option(
+        "--model-uid", "-u", metavar="UID", help="The model to stop (Xinference's spelling of UID).",
+        show_default=False)] = None,
     all_models: Annotated[bool, typer.Option("--all", help="Stop every launched model.")] = False,
     timeout: Annotated[float, typer.Option(
         "--timeout", min=0, help="Seconds to wait for a clean stop before killing it.")] = 10.0,
@@ -131,6 +134,10 @@ def terminate(
     """Stop a launched model (SIGTERM, then SIGKILL after --timeout) and forget it."""
     from qwenvl_cli.serve import launcher, registry
 
+    if model_uid is not None and uid_option is not None and model_uid != uid_option:
+        raise UsageError(f"two model UIDs given: {model_uid} and --model-uid {uid_option}",
+                         "give the UID once, as an argument or with --model-uid / -u")
+    model_uid = model_uid if model_uid is not None else uid_option
     if all_models == (model_uid is not None):
         raise UsageError("give either a model UID or --all", "see the running models with `qvl list`")
     targets = registry.entries() if all_models else [registry.find(model_uid)]

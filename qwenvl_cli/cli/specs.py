@@ -25,6 +25,7 @@ HUB_SHORT = {"huggingface": "hf", "modelscope": "ms"}
 
 def list_specs(
     model_name: ModelName = None,
+    model_engine: ModelEngine = None,
     model_format: ModelFormat = None,
     size_in_billions: SizeInBillions = None,
     quantization: Quantization = None,
@@ -42,7 +43,7 @@ def list_specs(
     from qwenvl_cli.hub import cache
 
     catalogue = load_catalogue()
-    rows = filter_rows(catalogue, model_name, model_format, size_in_billions, quantization)
+    rows = filter_rows(catalogue, model_name, model_format, size_in_billions, quantization, model_engine)
     for row in rows:
         row["cached"] = cache.row_states(row)
     if show_fit:
@@ -58,10 +59,20 @@ def list_specs(
     render.table(
         ["name", "format", "size", "quantization", "engines", "huggingface", "modelscope", "cached", *extra],
         [[r["model_name"], r["model_format"], r["size_in_billions"] + "B", r["quantization"],
-          ", ".join(r["engines"]), (r["huggingface"] or {}).get("model_id", "-"),
-          (r["modelscope"] or {}).get("model_id", "-"), cached_cell(r["cached"]),
+          ", ".join(r["engines"]), _repo(r, "huggingface"), _modelscope_cell(r), cached_cell(r["cached"]),
           *render.fit_cells(r, show_fit)] for r in rows],
+        fold_constant=True,  # name and engines are the same on every row: said once, under the table
     )
+
+
+def _repo(row: dict, hub: str) -> str:
+    return (row[hub] or {}).get("model_id", "-")
+
+
+def _modelscope_cell(row: dict) -> str:
+    """'same name' where ModelScope's id is Hugging Face's but for the case of the org (--json: both)."""
+    ms, hf = _repo(row, "modelscope"), _repo(row, "huggingface")
+    return "same name" if ms != "-" and ms.lower() == hf.lower() else ms
 
 
 def cached_cell(states: dict[str, str]) -> str:

@@ -153,7 +153,8 @@ class Engine:
             raise PromptTooLong(
                 f"the prompt is {prompt_tokens} tokens long; the model's context length is {self.context_length}",
                 "shorten the conversation (/clear), or lower --max-pixels / --fps / --max-frames")
-        return Prepared(inputs, prompt_tokens, list(visual.infos), time.perf_counter() - start)
+        infos = vision.processed_infos(list(visual.infos), inputs, self.processor)  # what the model gets
+        return Prepared(inputs, prompt_tokens, infos, time.perf_counter() - start)
 
     # --- generation -----------------------------------------------------------------------
 
@@ -353,14 +354,19 @@ class Engine:
                            f"{prompts} prompt tokens{used}",
                            "lower --max-pixels / --max-tokens, use a quantized spec (-f awq), or more GPUs")
 
-    def sampling_note(self, params: GenerationParams) -> str | None:
+    def sampling_note(self, params: GenerationParams, repl: bool = False) -> str | None:
         """A warning when --temperature cannot change anything: Qwen2-VL's generation_config
-        keeps top_k 1 and top_p 0.001 (near greedy) unless --top-k / --top-p override them."""
+        keeps top_k 1 and top_p 0.001 (near greedy) unless --top-k / --top-p override them.
+        ``repl``: worded for the interactive chat (/set), where /retry would repeat the answer."""
         if not params.temperature:
             return None
         gen = self.model.generation_config
         top_k = params.top_k if params.top_k is not None else (gen.top_k or 0)
         top_p = params.top_p if params.top_p is not None else (gen.top_p or 1.0)
+        if (top_k == 1 or top_p < 0.01) and repl:
+            return (f"temperature {params.temperature} has little effect while top_k is {top_k} and top_p {top_p} "
+                    "(the checkpoint's generation_config), so /retry gives the same answer: "
+                    "/set top_k 0 and /set top_p 0.9 for varied answers")
         if top_k == 1 or top_p < 0.01:
             return (f"--temperature {params.temperature} has little effect while top_k is {top_k} and top_p "
                     f"{top_p} (the checkpoint's generation_config); add --top-k 0 --top-p 0.9 for varied answers")

@@ -50,6 +50,48 @@ class VisionInputs(NamedTuple):
         return {k: v for k, v in self.video_kwargs.items() if k != "fps"}
 
 
+def processed_infos(infos: list[VisionInfo], inputs: Any, processor: Any) -> list[VisionInfo]:
+    """The infos as the processor really made the items: its image_grid_thw / video_grid_thw
+    (patches of ``patch_size``, merged ``merge_size`` squared to a token). Where the checkpoint's
+    own limit (preprocessor_config max_pixels) shrank an item further than qvl's sizing, the
+    info says so (``processor_max_pixels``) and counts the tokens the model gets."""
+    from dataclasses import replace
+
+    image_processor = getattr(processor, "image_processor", processor)
+    patch = int(getattr(image_processor, "patch_size", 14) or 14)
+    merge = int(getattr(image_processor, "merge_size", 2) or 2)
+    grids = {"image": iter(_rows(inputs, "image_grid_thw")), "video": iter(_rows(inputs, "video_grid_thw"))}
+    out = []
+    for info in infos:
+        grid = next(grids[info.kind], None)
+        if grid is None:
+            out.append(info)
+            continue
+        t, h, w = grid
+        tokens = t * h * w // (merge * merge)
+        if tokens == info.tokens:
+            out.append(info)
+            continue
+        out.append(replace(info, resized_height=h * patch, resized_width=w * patch, tokens=tokens,
+                           processor_max_pixels=processor_max_pixels(image_processor)))
+    return out
+
+
+def processor_max_pixels(image_processor: Any) -> int | None:
+    """The checkpoint's pixel limit: ``size["longest_edge"]`` (transformers 5) or ``max_pixels``."""
+    size = getattr(image_processor, "size", None)  # a dict, or transformers 5's SizeDict
+    longest = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    if longest:
+        return int(longest)
+    value = getattr(image_processor, "max_pixels", None)
+    return int(value) if value else None
+
+
+def _rows(inputs: Any, key: str) -> list[tuple[int, int, int]]:
+    grid = inputs.get(key) if hasattr(inputs, "get") else None
+    return [] if grid is None else [tuple(int(x) for x in row) for row in grid.tolist()]
+
+
 def prepare_vision(messages: Iterable[Any], defaults: VisionDefaults | None = None,
                    policy: MediaPolicy = PERMISSIVE) -> VisionInputs:
     """Images and videos of ``messages`` as the processor takes them, plus per-item infos.

@@ -14,6 +14,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwenvl_cli import install
 from qwenvl_cli.errors import EngineError, MissingDependency
 
 FORMATS = ("awq", "gptq")
@@ -27,8 +28,11 @@ CPU_BACKENDS = {"awq": "torch_awq", "gptq": "gptq_torch"}
 TESTED = "gptqmodel 7.7, optimum 2.3"
 
 
-def install_command(model_format: str) -> str:
-    return f'pip install "qvl[{model_format.lower()}]"'
+def install_command(model_format: str, upgrade: bool = False) -> str:
+    """What installs the backend, from where qvl was installed: a checkout -> the README's
+    `pip install -c constraints.txt -c constraints-quant.txt ".[quant]"` run there; a wheel or
+    PyPI -> `pip install "qvl[awq]"` (see qwenvl_cli.install)."""
+    return install.quant_install_command(model_format, upgrade)
 
 
 def is_quantized(model_format: str | None) -> bool:
@@ -66,7 +70,7 @@ def require_backend(model_format: str, device: str = "auto") -> QuantBackend | N
         raise MissingDependency(
             f"{fmt.upper()} checkpoints need {names}, which {'is' if len(missing) == 1 else 'are'} "
             f"not installed: {install_command(fmt)}",
-            f'`pip install "qvl[quant]"` installs the backends of both AWQ and GPTQ (tested: {TESTED})')
+            f"{_both_hint()} (tested: {TESTED})")
     versions = {name: _version(name) for name in REQUIRED[fmt]}
     cpu = _has_cpu_kernel(fmt)
     on_cpu = _runs_on_cpu(device)
@@ -75,12 +79,18 @@ def require_backend(model_format: str, device: str = "auto") -> QuantBackend | N
         raise EngineError(
             f"the installed gptqmodel {versions['gptqmodel']} has no CPU kernel for {fmt.upper()}: "
             f"it runs on CUDA GPUs only",
-            f'upgrade it (`pip install -U "qvl[{fmt}]"`: gptqmodel 7.7 runs AWQ and GPTQ on CPU), '
+            f"upgrade it (`{install_command(fmt, upgrade=True)}`: gptqmodel 7.7 runs AWQ and GPTQ on CPU), "
             "or run on a CUDA GPU (--device cuda)")
     if on_cpu:
         notes.append(f"{fmt.upper()} on CPU runs gptqmodel's torch kernels: it works, but is far "
                      "slower than on a GPU")
     return QuantBackend(fmt, versions, cpu, tuple(notes))
+
+
+def _both_hint() -> str:
+    if install.checkout_root() is not None:
+        return "the [quant] extra installs the backends of both AWQ and GPTQ"
+    return '`pip install "qvl[quant]"` installs the backends of both AWQ and GPTQ'
 
 
 def _runs_on_cpu(device: str) -> bool:

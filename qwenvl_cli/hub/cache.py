@@ -198,9 +198,11 @@ def verify(entry: CachedModel) -> VerifyReport:
     results = tuple((f.path, layout.check_file(entry.path / f.path, f)[0]) for f in files)
     report = VerifyReport(entry, against, results)
     if manifest is not None and manifest.get("complete", True) and not report.ok:
-        # The record no longer describes the files: drop it, so the copy stops counting as
-        # complete and the next `qvl download` checks every file and fetches the bad ones.
-        layout.manifest_path(entry.hub, entry.repo_id, entry.snapshot_name).unlink(missing_ok=True)
+        # The files no longer match the record: keep it as the listing only (complete: false),
+        # so the copy stops counting as complete, `cached` says partial where a file is gone,
+        # and the next `qvl download` checks every file and fetches the bad ones.
+        kept = {k: v for k, v in manifest.items() if k != "version"}
+        layout.write_manifest(entry.hub, entry.repo_id, entry.snapshot_name, {**kept, "complete": False})
     return report
 
 

@@ -21,7 +21,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -261,7 +261,8 @@ def _fetch_all(client, listing: Listing, spec: ResolvedSpec, say: _Say) -> Local
     if copy.state == "complete" and copy.manifest and copy.manifest.get("commit") == listing.commit:
         say(f"{listing.repo_id} is complete in the cache (another process fetched it): {copy.snapshot}")
         return _model(copy, spec, verified=True)
-    have, partial, need = _remaining(listing, snapshot)
+    have = _intact(listing, snapshot)
+    partial, need = _remaining(listing, snapshot, have)
     _check_disk(need, client.cache, listing)
     _write_pending(listing, snapshot, client.endpoint)
     done = sum(f.size for f in listing.files if f.path in have)
@@ -271,7 +272,7 @@ def _fetch_all(client, listing: Listing, spec: ResolvedSpec, say: _Say) -> Local
     with progress_mod.make(listing.repo_id, listing.total_size, done, quiet=say.quiet) as bar:
         say.sink = bar.note
         try:
-            checked = _parallel(lambda f: (f, _obtain(client, listing, snapshot, f, f.path in have, bar, say)),
+            checked = _parallel(lambda f: (f, _obtain(client, listing, snapshot, f, have.get(f.path), bar, say)),
                                 list(listing.files), settings.download_workers())
         except OSError as exc:
             if _disk_full(exc) is None:
@@ -285,14 +286,26 @@ def _fetch_all(client, listing: Listing, spec: ResolvedSpec, say: _Say) -> Local
     return _model(layout.local_copy(listing.hub, listing.repo_id, listing.revision), spec, verified=True)
 
 
-def _obtain(client, listing: Listing, snapshot: Path, file: RemoteFile, have: bool,
+def _intact(listing: Listing, snapshot: Path) -> dict[str, str]:
+    """{path: sha256} of the files already in the snapshot that pass their check, hashed
+    before the fetch, so that "N to fetch" and the progress count only what is really
+    fetched (a file a failed `qvl verify` found damaged is the right size but not kept)."""
+    present = [f for f in listing.files if layout.file_size(snapshot / f.path) == f.size]
+    checks = _parallel(lambda f: (f.path, layout.check_file(snapshot / f.path, f)), present,
+                       settings.download_workers())
+    return {path: str(sha256) for path, (problem, sha256) in checks if problem is None}
+
+
+def _obtain(client, listing: Listing, snapshot: Path, file: RemoteFile, intact: str | None,
             bar: progress_mod.Progress, say: _Say) -> str:
-    """Fetch (unless present) and check one file; a bad file is fetched once more."""
+    """Fetch and check one file, unless it is ``intact`` (its sha256, from _intact); a bad
+    file is fetched once more."""
+    if intact is not None:
+        return intact
     source = HubSource(listing.hub, listing.repo_id, listing.revision)
     for attempt in (1, 2):
-        if not have:
-            _retry(lambda: client.fetch(listing, file, bar), client, source, file.path, say)
-        if not have and client.verifies_sha256 and file.sha256:
+        _retry(lambda: client.fetch(listing, file, bar), client, source, file.path, say)
+        if client.verifies_sha256 and file.sha256:
             # the client hashed it against the listing while fetching: do not read it twice
             size = layout.file_size(snapshot / file.path)
             problem, sha256 = (None if size == file.size else f"size {size} instead of {file.size}"), file.sha256
@@ -307,7 +320,6 @@ def _obtain(client, listing: Listing, snapshot: Path, file: RemoteFile, have: bo
                 f"{listing.repo_id}: {file.path} failed its check twice ({problem}); it was not kept",
                 f"{client.where()} served damaged data; try again later or another hub (--download-hub)")
         say(f"{file.path}: {problem}; fetching it again")
-        have = False
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -345,12 +357,11 @@ def _parallel(work: Callable[[Any], Any], items: list[Any], workers: int) -> lis
     return results
 
 
-def _remaining(listing: Listing, snapshot: Path) -> tuple[set[str], dict[str, int], int]:
-    """(files present, bytes of each partial file, bytes still to fetch)."""
-    have = {f.path for f in listing.files if layout.file_size(snapshot / f.path) == f.size}
+def _remaining(listing: Listing, snapshot: Path, have: Collection[str]) -> tuple[dict[str, int], int]:
+    """(bytes of each partial file, bytes still to fetch) when the files in ``have`` are done."""
     partial = {f.path: layout.file_size(p) or 0 for f in listing.files
                if f.path not in have and (p := layout.partial_path(listing.hub, listing.repo_id, snapshot, f))}
-    return have, partial, sum(f.size for f in listing.files if f.path not in have) - sum(partial.values())
+    return partial, sum(f.size for f in listing.files if f.path not in have) - sum(partial.values())
 
 
 def _disk_full(exc: BaseException) -> OSError | None:
@@ -365,7 +376,8 @@ def _disk_full(exc: BaseException) -> OSError | None:
 
 def _disk_full_error(client, listing: Listing, snapshot: Path) -> NotEnoughDisk:
     """The disk filled up mid-download: which disk, what is still needed; partial files stay."""
-    _, partials, need = _remaining(listing, snapshot)
+    done = {f.path for f in listing.files if layout.file_size(snapshot / f.path) == f.size}
+    partials, need = _remaining(listing, snapshot, done)
     partial = sum(partials.values())
     where = client.cache
     while not where.exists() and where != where.parent:

@@ -128,7 +128,8 @@ def check_local(path: Path, policy: MediaPolicy, what: str = "image file") -> Pa
     """``path`` (user-expanded) if policy allows it, it exists and is a file; else MediaError."""
     if not policy.allow_local:
         raise MediaError(f"local files are not allowed here: {path}",
-                         "send the media as an http(s) URL or a data: URI")
+                         "start the server with --allow-local-media DIR to let it read files inside DIR, "
+                         "or send the media inline as a data: URI")
     path = Path(os.path.expanduser(str(path)))
     if policy.local_root is not None:
         root = Path(policy.local_root).resolve()
@@ -214,6 +215,17 @@ def _probe_bytes(data: bytes, label: str, kind: str, policy: MediaPolicy) -> Ima
     return ImageSource(label, kind, width, height, fmt, data=data)
 
 
+def _bomb_error(label: str, exc: Exception, policy: MediaPolicy) -> MediaError:
+    """qvl's pixel-limit message for an image PIL would not even open (its text names the size:
+    "Image size (3600000000 pixels) exceeds limit of ...")."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)) / 1e6:,.0f} megapixels" if found else "too many pixels"
+    return MediaError(f"{label} is {size}, above the limit of {policy.max_image_pixels / 1e6:.0f} megapixels "
+                      "(decompression bomb?)", "downscale the image before passing it")
+
+
 def _probe(handle: Any, label: str, head: bytes, policy: MediaPolicy) -> tuple[int, int, str | None]:
     """Parse the header, check the pixel count, then check the data decodes (cheaply)."""
     from PIL import Image, UnidentifiedImageError
@@ -222,8 +234,8 @@ def _probe(handle: Any, label: str, head: bytes, policy: MediaPolicy) -> tuple[i
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(handle)
-        except Image.DecompressionBombError as exc:
-            raise MediaError(f"{label}: {one_line(exc, 160)}", "downscale the image before passing it") from None
+        except Image.DecompressionBombError as exc:  # past twice PIL's limit: it refuses to open it
+            raise _bomb_error(label, exc, policy) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             raise MediaError(f"{label} is not an image{_sniff(head)}", IMAGE_HINT) from None
         width, height = image.size
@@ -296,7 +308,8 @@ def fetch_url(url: str, policy: MediaPolicy = PERMISSIVE) -> bytes:
 
     if not policy.allow_remote:
         raise MediaError(f"remote URLs are not allowed here: {_short(url)}",
-                         "pass a local file or a data: URI")
+                         "start the server with --allow-remote-media to let it fetch URLs, "
+                         "or send the media inline as a data: URI")
     return fetch(url, policy, _short(url))
 
 

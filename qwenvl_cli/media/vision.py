@@ -127,6 +127,8 @@ class VisionInfo:
     fps: float | None = None  # video file: its frame rate
     sample_fps: float | None = None
     indices: tuple[int, ...] | None = field(default=None, repr=False)
+    # set when the checkpoint's processor resized it further (its preprocessor_config max_pixels)
+    processor_max_pixels: int | None = None
 
     def describe(self) -> str:
         size = f"{self.width}x{self.height} -> {self.resized_width}x{self.resized_height}"
@@ -143,6 +145,10 @@ class VisionInfo:
     def cap_note(self) -> str | None:
         """For an image scaled down by the pixel budget: what it would have cost at the
         checkpoint's own limit (16384 tokens) and what it costs now; None otherwise."""
+        if self.processor_max_pixels is not None:
+            return (f"{self.source}: the checkpoint's processor caps {self.kind}s at {self.processor_max_pixels:,} "
+                    f"pixels (its preprocessor_config.json), so the model gets {self.tokens:,} visual tokens "
+                    f"({self.resized_width}x{self.resized_height}); a --max-pixels above that has no effect")
         if self.kind != "image":
             return None
         full_h, full_w = sizing.smart_resize(self.height, self.width,
@@ -245,3 +251,10 @@ def video_plan(source: VideoSource, defaults: VisionDefaults | None = None,
     return VisionInfo("video", source.source, source.width, source.height, new_w, new_h,
                       sizing.visual_tokens(new_h, new_w, count), frames=count, total_frames=total,
                       fps=fps, sample_fps=sample_fps)
+
+
+def check_shape(source: ImageSource | VideoSource) -> VisionInfo:
+    """Size a checked image or video from its header alone (image_plan / video_plan), so that
+    what cannot be sized (an aspect ratio above 200:1) is refused with the other media checks,
+    before any model loads."""
+    return image_plan(source) if isinstance(source, ImageSource) else video_plan(source)
