@@ -129,6 +129,7 @@ def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, 
     policy = policy_for(state.config)
     with state.prepare_slots, RequestMedia(policy) as media:
         messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
+        state.engine.validate(chat.params)  # logit_bias ids, response_format's schema (compiled once)
         return messages, state.engine.prepare(messages, policy)
 
 
@@ -152,6 +153,7 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
     admission = scheduler.admit()
     try:
         messages, prepared = await run_in_threadpool(_prepare, state, chat)
+        api.check_budget(chat.params, prepared.prompt_tokens, state.engine.context_length)
         ticket = Ticket(asyncio.get_running_loop(), admission)
         job = QueuedRequest(messages, chat.params, prepared, ticket.emit)
         scheduler.submit(job)
@@ -164,29 +166,35 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.create_task(_watch_disconnect(request, ticket, job))
-    answer = Answer()
+    answers = [Answer() for _ in range(chat.params.n)]
     try:
         async for chunk in ticket.items():
-            answer.add(chunk)
+            answers[chunk.index].add(chunk)
     finally:
         watcher.cancel()
-    _log_request(chat, answer, started)
-    return JSONResponse(api.completion(req_id, chat.model, answer))
+    _log_request(chat, answers[0], started)
+    return JSONResponse(api.completion(req_id, chat.model, answers, logprobs=chat.params.logprobs))
 
 
 async def _events(state: ServerState, chat: api.ChatRequest, ticket: Ticket, job: QueuedRequest,
                   req_id: str, started: float) -> AsyncIterator[bytes]:
-    created, answer, finished = int(time.time()), Answer(), False
-    head = api.chunk(req_id, chat.model, created, {"role": "assistant", "content": ""},
-                     include_usage=chat.include_usage)
+    created, finished = int(time.time()), False
+    answers = [Answer() for _ in range(chat.params.n)]
+    answer = answers[0]
     try:
-        yield api.sse(head)
+        for index in range(chat.params.n):
+            yield api.sse(api.chunk(req_id, chat.model, created, {"role": "assistant", "content": ""},
+                                    include_usage=chat.include_usage, index=index))
         try:
             async for item in ticket.items():
-                answer.add(item)
-                if item.text:
+                answers[item.index].add(item)
+                if item.text or item.logprobs:
                     yield api.sse(api.chunk(req_id, chat.model, created, {"content": item.text},
-                                            include_usage=chat.include_usage))
+                                            include_usage=chat.include_usage, index=item.index,
+                                            logprobs=item.logprobs))
+                if item.finish_reason is not None and item.index > 0:  # index 0 ends below
+                    yield api.sse(api.chunk(req_id, chat.model, created, finish_reason=item.finish_reason,
+                                            include_usage=chat.include_usage, index=item.index))
         except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
             yield api.sse(api.error_body(api.http_error(translate(exc) or exc)))
             yield api.SSE_DONE
@@ -195,7 +203,7 @@ async def _events(state: ServerState, chat: api.ChatRequest, ticket: Ticket, job
         yield api.sse(api.chunk(req_id, chat.model, created, finish_reason=answer.finish_reason,
                                 include_usage=chat.include_usage))
         if chat.include_usage and answer.usage is not None:
-            yield api.sse(api.chunk(req_id, chat.model, created, usage=answer.usage))
+            yield api.sse(api.chunk(req_id, chat.model, created, usage=api.total_usage(answers)))
         yield api.SSE_DONE
         finished = True
         _log_request(chat, answer, started)
