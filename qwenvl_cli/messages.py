@@ -68,7 +68,7 @@ def part_from_openai(part: Any, where: str) -> dict[str, Any]:
         raise BadMessage(f"{where}: a content part must be an object, not {type(part).__name__}",
                          "send parts like {\"type\": \"text\", \"text\": \"...\"}")
     kind = part.get("type")
-    if kind == "input_text":  # the Responses API's parts, accepted in chat too
+    if kind in ("input_text", "output_text"):  # the Responses API's parts, accepted in chat too
         kind = "text"
     if kind == "input_image":
         part = {**part, "type": "image_url"}

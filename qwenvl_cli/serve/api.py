@@ -48,6 +48,7 @@ class ServerConfig:
     max_pixels: int | None = None
     log_file: str | None = None
     foreground: bool = False
+    allowed_origins: tuple[str, ...] = ()  # CORS: web pages on these origins may call the API
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -56,6 +57,7 @@ class ServerConfig:
     def from_json(cls, text: str) -> ServerConfig:
         data = json.loads(text)
         data["aliases"] = tuple(data.get("aliases") or ())
+        data["allowed_origins"] = tuple(data.get("allowed_origins") or ())
         return cls(**data)
 
 
@@ -152,6 +154,7 @@ class ChatRequest:
     params: GenerationParams
     stream: bool = False
     include_usage: bool = False
+    prompt: str | None = None  # /v1/completions: the text as given, no chat template
 
 
 def check_model(name: Any, config: ServerConfig) -> str:

@@ -45,6 +45,9 @@ class ServerState:
         self.stopping = False
         self.created = int(time.time())
         self.prepare_slots = threading.BoundedSemaphore(PREPARE_SLOTS)
+        from qwenvl_cli.serve.metrics import Metrics
+
+        self.metrics = Metrics(config.uid)
 
     def ready(self, engine: Any) -> None:
         self.scheduler = Scheduler(engine, self.config.max_queue, self.config.max_batch)
@@ -128,8 +131,12 @@ def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, 
 
     policy = policy_for(state.config)
     with state.prepare_slots, RequestMedia(policy) as media:
-        messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
         state.engine.validate(chat.params)  # logit_bias ids, response_format's schema (compiled once)
+        if chat.prompt is not None:  # /v1/completions
+            from qwenvl_cli.engine.prompts import prepare_text
+
+            return [], prepare_text(state.engine, chat.prompt)
+        messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
         return messages, state.engine.prepare(messages, policy)
 
 
@@ -141,7 +148,10 @@ async def _watch_disconnect(request: Any, ticket: Ticket, job: QueuedRequest) ->
             return
 
 
-async def chat_completions(state: ServerState, request: Any) -> Any:
+async def answer(state: ServerState, request: Any, parse: Callable[[Any, ServerConfig], api.ChatRequest],
+                 shape: Callable[[str, api.ChatRequest], Any]) -> Any:
+    """One generation request: parse, prepare, queue, answer whole or streamed in ``shape``
+    (formats.ChatFormat, CompletionFormat or ResponsesFormat)."""
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, StreamingResponse
 
@@ -149,7 +159,7 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
     state.check_key(request.headers)
     scheduler = state.require_ready()
     raw = await _read_body(request, state.config.max_body_bytes)
-    chat = api.parse_chat(api.decode_json(raw), state.config)
+    chat = parse(api.decode_json(raw), state.config)
     admission = scheduler.admit()
     try:
         messages, prepared = await run_in_threadpool(_prepare, state, chat)
@@ -160,10 +170,9 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
     except BaseException:
         admission.release()
         raise
-    req_id = api.new_id()
+    fmt = shape(api.new_id(), chat)
     if chat.stream:
-        return StreamingResponse(_events(state, chat, ticket, job, req_id, started),
-                                 media_type="text/event-stream",
+        return StreamingResponse(_events(state, chat, ticket, job, fmt, started), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.create_task(_watch_disconnect(request, ticket, job))
     answers = [Answer() for _ in range(chat.params.n)]
@@ -173,40 +182,37 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
     finally:
         watcher.cancel()
     _log_request(chat, answers[0], started)
-    return JSONResponse(api.completion(req_id, chat.model, answers, logprobs=chat.params.logprobs))
+    state.metrics.finished(answers, started)
+    return JSONResponse(fmt.body(answers))
 
 
-async def _events(state: ServerState, chat: api.ChatRequest, ticket: Ticket, job: QueuedRequest,
-                  req_id: str, started: float) -> AsyncIterator[bytes]:
-    created, finished = int(time.time()), False
-    answers = [Answer() for _ in range(chat.params.n)]
-    answer = answers[0]
+async def _events(state: ServerState, chat: api.ChatRequest, ticket: Ticket, job: QueuedRequest, fmt: Any,
+                  started: float) -> AsyncIterator[bytes]:
+    answers, finished = [Answer() for _ in range(chat.params.n)], False
     try:
-        for index in range(chat.params.n):
-            yield api.sse(api.chunk(req_id, chat.model, created, {"role": "assistant", "content": ""},
-                                    include_usage=chat.include_usage, index=index))
+        for event in fmt.head():
+            yield api.sse(event)
         try:
             async for item in ticket.items():
                 answers[item.index].add(item)
                 if item.text or item.logprobs:
-                    yield api.sse(api.chunk(req_id, chat.model, created, {"content": item.text},
-                                            include_usage=chat.include_usage, index=item.index,
-                                            logprobs=item.logprobs))
-                if item.finish_reason is not None and item.index > 0:  # index 0 ends below
-                    yield api.sse(api.chunk(req_id, chat.model, created, finish_reason=item.finish_reason,
-                                            include_usage=chat.include_usage, index=item.index))
+                    for event in fmt.delta(item):
+                        yield api.sse(event)
+                if item.finish_reason is not None:
+                    for event in fmt.finish(item):
+                        yield api.sse(event)
         except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
             yield api.sse(api.error_body(api.http_error(translate(exc) or exc)))
             yield api.SSE_DONE
             finished = True
             return
-        yield api.sse(api.chunk(req_id, chat.model, created, finish_reason=answer.finish_reason,
-                                include_usage=chat.include_usage))
-        if chat.include_usage and answer.usage is not None:
-            yield api.sse(api.chunk(req_id, chat.model, created, usage=api.total_usage(answers)))
-        yield api.SSE_DONE
+        for event in fmt.end(answers):
+            yield api.sse(event)
+        if fmt.done_marker:
+            yield api.SSE_DONE
         finished = True
-        _log_request(chat, answer, started)
+        _log_request(chat, answers[0], started)
+        state.metrics.finished(answers, started)
     finally:
         if not finished:  # the client went away (or the server is stopping)
             ticket.abandon(job)
@@ -228,6 +234,9 @@ def create_app(state: ServerState) -> Any:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    from qwenvl_cli.serve import formats, middleware
+    from qwenvl_cli.serve.metrics import CONTENT_TYPE as METRICS_TYPE
+
     config = state.config
 
     async def health(request):
@@ -248,7 +257,19 @@ def create_app(state: ServerState) -> Any:
         return JSONResponse(api.models_list(config, state.created)["data"][0])
 
     async def chat(request):
-        return await chat_completions(state, request)
+        return await answer(state, request, api.parse_chat, formats.ChatFormat)
+
+    async def completions(request):
+        return await answer(state, request, formats.parse_completion, formats.CompletionFormat)
+
+    async def responses(request):
+        return await answer(state, request, formats.parse_responses, formats.ResponsesFormat)
+
+    async def metrics(request):
+        from starlette.responses import Response
+
+        stats = state.scheduler.stats() if state.scheduler is not None else None
+        return Response(state.metrics.scrape(stats), media_type=METRICS_TYPE)
 
     async def on_http_error(request, exc: HttpError):
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
@@ -256,7 +277,7 @@ def create_app(state: ServerState) -> Any:
 
     async def on_starlette_error(request, exc: HTTPException):
         err = HttpError(f"{request.method} {request.url.path}: {exc.detail}",
-                        "the API lives under /v1: GET /v1/models, POST /v1/chat/completions")
+                        "the API lives under /v1: GET /v1/models, POST /v1/chat/completions, /v1/completions, /v1/responses")
         err.status, err.type = exc.status_code, "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(api.error_body(err), exc.status_code)
 
@@ -268,10 +289,13 @@ def create_app(state: ServerState) -> Any:
 
     routes = [Route("/health", health), Route("/v1/models", models),
               Route("/v1/models/{name:path}", model),
-              Route("/v1/chat/completions", chat, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={
+              Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/responses", responses, methods=["POST"]), Route("/metrics", metrics)]
+    app = Starlette(routes=routes, exception_handlers={
         HttpError: on_http_error, HTTPException: on_starlette_error, QvlError: on_error,
         Exception: on_error})
+    return middleware.wrap(app, config.allowed_origins)
 
 
 # --- the process ------------------------------------------------------------------------------
