@@ -151,11 +151,11 @@ class GrammarMask:
     """The xgrammar logits mask for every row of a batch: each row has its own matcher,
     advanced by the token its row chose at the step before (the last column of the ids)."""
 
-    def __init__(self, compiled: Any, rows: int, start: int, vocab: int) -> None:
+    def __init__(self, compiled: Any, rows: int, start: int, vocab: int, control: Any) -> None:
         import xgrammar as xgr
 
         self.matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
-        self.start, self.vocab = start, vocab
+        self.start, self.vocab, self.control = start, vocab, control
         self.bitmask = xgr.allocate_token_bitmask(rows, vocab)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -175,7 +175,9 @@ class GrammarMask:
         if scores.device.type == "cpu" and scores.dtype != torch.float32:
             scores = scores.float()
         xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device), vocab_size=min(vocab, self.vocab))
-        return scores
+        # xgrammar lets raw control characters into JSON strings, which JSON parsers refuse:
+        # no token holding one (the grammar, without free whitespace, never needs them).
+        return scores.masked_fill_(self.control[:vocab].to(scores.device), float("-inf"))
 
 
 def _compiler(engine: Any) -> Any:
@@ -189,6 +191,20 @@ def _compiler(engine: Any) -> Any:
                                                   stop_token_ids=sorted(engine.eos_ids))
         compiler = engine._grammar_compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=True)
     return compiler
+
+
+def _control_tokens(engine: Any, vocab: int) -> Any:
+    """A (vocab,) bool tensor: the tokens whose text holds a control character (U+0000-U+001F)."""
+    control = getattr(engine, "_control_tokens", None)
+    if control is None:
+        import torch
+
+        texts = engine.processor.tokenizer.batch_decode([[i] for i in range(vocab)], skip_special_tokens=False)
+        control = torch.tensor([any(ord(c) < 32 for c in text) for text in texts], dtype=torch.bool)
+        for token in engine.eos_ids:
+            control[token] = False
+        engine._control_tokens = control
+    return control
 
 
 def compiled_grammar(engine: Any, grammar: tuple[str, str]) -> Any:
@@ -232,7 +248,8 @@ def extra_processors(engine: Any, params: Any, start: int, rows: int) -> tuple[l
         out.append(Penalties(start, params.presence_penalty or 0.0, params.frequency_penalty or 0.0))
     if params.grammar is not None:
         vocab = engine.model.config.get_text_config().vocab_size
-        out.append(GrammarMask(compiled_grammar(engine, params.grammar), rows, start, vocab))
+        out.append(GrammarMask(compiled_grammar(engine, params.grammar), rows, start, vocab,
+                               _control_tokens(engine, vocab)))
     return out, recorder
 
 

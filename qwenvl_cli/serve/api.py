@@ -204,12 +204,12 @@ def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
     if not isinstance(body, Mapping):
         raise BadRequest("the request body must be a JSON object", "send {\"model\": ..., \"messages\": [...]}")
     model = check_model(body.get("model"), config)
-    chat = schema.check_chat(body)
     try:
+        chat = schema.check_chat(body)
         messages = msgs.from_openai(chat.messages, require_user=False)
+        schema.check_part_values(messages, config.max_image_pixels)
     except UsageError as exc:
-        raise BadRequest(exc.message, exc.hint, param="messages") from None
-    schema.check_part_values(messages, config.max_image_pixels)
+        raise BadRequest(exc.message, exc.hint, param=getattr(exc, "param", "messages")) from None
     mm = chat.mm_processor_kwargs
     pixels = {"min_pixels": chat.min_pixels or (mm and mm.min_pixels) or config.min_pixels,
               "max_pixels": chat.max_pixels or (mm and mm.max_pixels) or config.max_pixels}

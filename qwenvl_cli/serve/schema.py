@@ -1,7 +1,8 @@
 """The one schema of a chat request: every field checked by type and range at the edge.
 
 ``check_chat(body)`` runs the pydantic model :class:`ChatBody` over a decoded JSON body and
-turns the first error into a :class:`~qwenvl_cli.serve.api.BadRequest` naming the field,
+turns the first error into a :class:`FieldError` naming the field (``api.parse_chat``
+answers it as a 400),
 so that an odd value is a 400 with the OpenAI error shape, never a 500 deeper down.
 Fields that would change the answer and that qvl does not implement are refused by name
 (:data:`REFUSED`); fields that change nothing qvl does (``user``, ``metadata``, ...) are
@@ -14,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from qwenvl_cli.errors import UsageError
 
 # Qwen2-VL's own bounds (qwen-vl-utils): 4 patches of 28x28 at least, 16384 at most.
 MIN_IMAGE_PIXELS = 4 * 28 * 28
@@ -96,7 +99,7 @@ def _models() -> Any:
 
     class ChatBody(Strict):
         model: StrictStr | None = None
-        messages: list[Any]
+        messages: Any = None  # checked part by part by messages.from_openai
         max_tokens: Annotated[StrictInt, Field(ge=1, le=2**31)] | None = None
         max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=2**31)] | None = None
         temperature: Annotated[Num, Field(ge=0, le=2)] | None = None
@@ -132,24 +135,48 @@ def _models() -> Any:
 _CACHE: Any = None
 
 
-def _bad(message: str, param: str | None, hint: str | None = None) -> Exception:
-    from qwenvl_cli.serve.api import BadRequest
+class FieldError(UsageError):
+    """A request field with a wrong type or value (the server answers it 400, naming ``param``)."""
 
-    return BadRequest(message, hint or (f"fix '{param}' (docs/server.md lists the fields and their ranges)"
+    def __init__(self, message: str, hint: str | None = None, param: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.param = param
+
+
+def _bad(message: str, param: str | None, hint: str | None = None) -> Exception:
+    return FieldError(message, hint or (f"fix '{param}' (docs/server.md lists the fields and their ranges)"
                                         if param else "check the request body"), param=param)
 
 
+_WANTED = {"int_type": "an integer", "int_from_float": "an integer", "int_parsing": "an integer",
+           "float_type": "a number", "finite_number": "a finite number", "bool_type": "true or false",
+           "string_type": "a string", "list_type": "a list", "dict_type": "an object",
+           "model_type": "an object", "model_attributes_type": "an object", "literal_error": "one of {expected}",
+           "greater_than_equal": "at least {ge}", "greater_than": "above {gt}", "less_than_equal": "at most {le}",
+           "less_than": "below {lt}", "too_long": "at most {max_length} long", "missing": "given"}
+_UNIONS = {"stop": "a string or a list of at most 16 strings", "tool_choice": "\"none\" or \"auto\""}
+
+
 def _first_error(exc: Any) -> Exception:
+    """pydantic's first error as one line: "'top_p' must be above 0, not 0"."""
     error = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in error["loc"])
-    top = str(error["loc"][0]) if error["loc"] else None
+    path = [p for p in error["loc"]]
+    top = str(path[0]) if path else None
     if error["type"] == "extra_forbidden":
+        loc = ".".join(str(p) for p in path)
         return _bad(f"'{loc}' is not a field this server knows", top,
                     f"leave '{loc}' out (docs/server.md lists the accepted fields)")
-    given = error.get("input")
-    shown = repr(given)
+    if top in _UNIONS:
+        path, wanted = [top], _UNIONS[top]
+    else:
+        path = [p for p in path if isinstance(p, int) or "[" not in str(p) and p not in ("str", "int", "float")]
+        template = _WANTED.get(error["type"])
+        wanted = template.format(**(error.get("ctx") or {})) if template else error["msg"].lower()
+    loc = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
+    shown = repr(error.get("input"))
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return _bad(f"'{loc}': {error['msg'].lower()} (got {shown})", top)
+    tail = "" if error["type"] == "missing" else f", not {shown}"
+    return _bad(f"'{loc}' must be {wanted}{tail}", top)
 
 
 def check_chat(body: Mapping[str, Any]) -> Any:
