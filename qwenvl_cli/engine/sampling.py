@@ -220,8 +220,10 @@ def compiled_grammar(engine: Any, grammar: tuple[str, str]) -> Any:
         return compiler.compile_json_schema(text, any_whitespace=False)
     except (RuntimeError, ValueError, TypeError) as exc:
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"response_format: the JSON schema cannot be used: {message}",
-                         "send a JSON schema of objects, arrays, strings, numbers, enums (docs/server.md)") from None
+        err = UsageError(f"response_format: the JSON schema cannot be used: {message}",
+                         "send a JSON schema of objects, arrays, strings, numbers, enums (docs/server.md)")
+        err.param = "response_format"
+        raise err from None
 
 
 def validate(engine: Any, params: Any) -> None:
@@ -231,8 +233,10 @@ def validate(engine: Any, params: Any) -> None:
     vocab = engine.model.config.get_text_config().vocab_size
     bad = [token for token, _ in params.logit_bias if token >= vocab]
     if bad:
-        raise UsageError(f"logit_bias: token id {bad[0]} is out of range: the vocabulary has {vocab} tokens",
+        err = UsageError(f"logit_bias: token id {bad[0]} is out of range: the vocabulary has {vocab} tokens",
                          f"send token ids from 0 to {vocab - 1}")
+        err.param = "logit_bias"
+        raise err
     if params.grammar is not None:
         compiled_grammar(engine, params.grammar)
 

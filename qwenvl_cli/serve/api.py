@@ -127,7 +127,7 @@ def http_error(exc: BaseException) -> HttpError:
     if isinstance(exc, UsageError):
         if type(exc).__name__ == "PromptTooLong" and getattr(exc, "context_length", None):
             return context_exceeded(exc.context_length, exc.prompt_tokens)
-        err = BadRequest(exc.message, exc.hint)
+        err = BadRequest(exc.message, exc.hint, param=getattr(exc, "param", None))
         err.code = "context_length_exceeded" if type(exc).__name__ == "PromptTooLong" else None
         return err
     if type(exc).__name__ == "OutOfMemory":  # this request was too much now; the model still serves
