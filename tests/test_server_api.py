@@ -371,3 +371,75 @@ def test_the_api_table_in_the_docs_is_true(served):
     wrong = [(name, said) for name, said in rows if PROBES[name](served) != (said == "yes")]
     assert wrong == [], f"docs/server.md says these wrongly (row, says): {wrong}"
     assert served.alive()
+
+
+# --- issue 15: random and boundary values at every field: never a 500 ---------------------------
+
+
+def test_random_and_boundary_values_never_get_a_500(served):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    odd = st.one_of(
+        st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+        st.sampled_from([0, 1, -1, 2, 16, 17, 20, 21, 100, 2**31, 2**63, 2**64, 2**64 + 1, 1e-300, -1e-300,
+                         1e300, 0.5, 1.0, 2.0, 2.0000001, -2.0000001, 3136, 12845056, 12845057]),
+        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8), st.just("\ud800"),
+        st.lists(st.integers(-5, 5) | st.text(max_size=3), max_size=3),
+        st.dictionaries(st.text(max_size=4), st.integers(-200, 200) | st.text(max_size=2), max_size=3))
+    fields = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+              "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "n",
+              "logprobs", "top_logprobs", "stop", "stream", "stream_options", "response_format", "tools",
+              "tool_choice", "ignore_eos", "min_pixels", "max_pixels", "fps", "max_frames",
+              "mm_processor_kwargs", "user", "model", "messages"]
+    part_fields = ["min_pixels", "max_pixels", "resized_height", "resized_width", "fps", "nframes"]
+    image = image_uri()
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.dictionaries(st.sampled_from(fields), odd, max_size=4),
+           st.dictionaries(st.sampled_from(part_fields), odd, max_size=2))
+    def probe(body: dict, part: dict) -> None:
+        content = [{"type": "image_url", "image_url": {"url": image}, **part}, {"type": "text", "text": "hi"}]
+        body = {"model": UID, "messages": [{"role": "user", "content": content}], **body}
+        if not isinstance(body.get("max_tokens"), int) or body.get("max_tokens", 0) > 3:
+            body["max_completion_tokens"] = 2  # keep the answers that do run short
+        raw = json.dumps(body, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogatepass")
+        response = httpx.post(f"{served.url}/chat/completions", content=raw, timeout=120,
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code in (200, 400, 404), (body, response.status_code, response.text[:300])
+        if response.status_code != 200:
+            error = response.json()["error"]
+            assert error["message"] and error["type"] == ("not_found_error" if response.status_code == 404
+                                                          else "invalid_request_error")
+
+    probe()
+    assert served.alive()
+
+
+# --- the client libraries people use ------------------------------------------------------------
+
+
+def test_langchain_chat_openai_plain_streamed_and_structured(served):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=UID, base_url=served.url, api_key="none", temperature=0, max_tokens=6,
+                     max_retries=0, timeout=120)
+    plain = llm.invoke("Hello there.")
+    assert plain.content == served.chat(max_tokens=6).choices[0].message.content
+    assert "".join(chunk.content for chunk in llm.stream("Hello there.")) == plain.content
+    structured = ChatOpenAI(model=UID, base_url=served.url, api_key="none", temperature=0, max_tokens=80,
+                            max_retries=0, timeout=120).with_structured_output(Pet, method="json_schema")
+    assert isinstance(structured.invoke("Describe a pet."), Pet)
+
+
+def test_litellm_recognises_the_context_overflow(served, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of the price list
+    import litellm
+
+    answer = litellm.completion(model=f"openai/{UID}", api_base=served.url, api_key="none",
+                                messages=TEXT, max_tokens=6, temperature=0)
+    assert answer.choices[0].message.content == served.chat(max_tokens=6).choices[0].message.content
+    with pytest.raises(litellm.ContextWindowExceededError):  # what its fallbacks key on
+        litellm.completion(model=f"openai/{UID}", api_base=served.url, api_key="none", messages=TEXT,
+                           max_tokens=CONTEXT, num_retries=0)
