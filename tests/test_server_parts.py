@@ -74,6 +74,7 @@ def test_pixel_extras_and_server_defaults_reach_the_media_parts():
     ({"messages": TEXT, "stream_options": {"include_usage": True}}, "only allowed when 'stream' is true", 400),
     ({"messages": TEXT, "tools": [{"type": "function"}]}, "tool calling", 400),
     ({"messages": TEXT, "seed": 2**64 + 1}, "'seed' must be at most", 400),
+    ({"messages": TEXT, "ignore_eos": True, "response_format": {"type": "json_object"}}, "'ignore_eos'", 400),
     ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "only user messages", 400),
 ])

@@ -206,6 +206,9 @@ def check_chat(body: Mapping[str, Any]) -> Any:
     if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
         raise _bad("'response_format': json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
                    "response_format")
+    if chat.ignore_eos and fmt is not None and fmt.type != "text":
+        raise _bad("'ignore_eos' cannot be used with a JSON response_format: the grammar ends the answer",
+                   "ignore_eos", "leave 'ignore_eos' out")
     for key, value in (chat.logit_bias or {}).items():
         if not key.isdigit() or int(key) >= 2**31:
             raise _bad(f"'logit_bias': {key!r} is not a token id", "logit_bias",
