@@ -443,3 +443,19 @@ def test_litellm_recognises_the_context_overflow(served, monkeypatch):
     with pytest.raises(litellm.ContextWindowExceededError):  # what its fallbacks key on
         litellm.completion(model=f"openai/{UID}", api_base=served.url, api_key="none", messages=TEXT,
                            max_tokens=CONTEXT, num_retries=0)
+
+
+def test_a_malformed_content_length_gets_an_openai_400(served):
+    import socket
+
+    host, port = served.base.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 12abc\r\n\r\n{}")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert served.alive()

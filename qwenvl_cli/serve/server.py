@@ -404,7 +404,9 @@ def serve(config: ServerConfig, api_key: str | None = None, announce: Announce |
             self.force_exit = self.should_exit and sig == signal.SIGINT
             self.should_exit = True
 
-    uv_config = uvicorn.Config(create_app(state), log_level="warning", access_log=False,
+    from qwenvl_cli.serve.protocol import openai_h11_protocol
+
+    uv_config = uvicorn.Config(create_app(state), http=openai_h11_protocol(), log_level="warning", access_log=False,
                                lifespan="off", timeout_graceful_shutdown=5, timeout_keep_alive=30)
     server = Server(uv_config)
     threading.Thread(target=_load, args=(state, server, entry, announce), name="qvl-load",
