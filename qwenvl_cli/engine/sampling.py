@@ -63,14 +63,20 @@ class Sampler:
         return sampler, model_inputs
 
     def select(self, ids: Any, logits: Any) -> Any:
-        """The next token of every row (B,) from the last logits (B, V) in float32."""
+        """The next token of every row (B,) from the last logits (B, V) in float32; processors
+        that want the choice at once (the grammar mask) get it."""
         import torch
 
         scores = self.processors(ids, logits) if len(self.processors) else logits
         if self.do_sample:
             probs = torch.nn.functional.softmax(scores, dim=-1)
-            return torch.multinomial(probs, num_samples=1).squeeze(1)
-        return torch.argmax(scores, dim=-1)
+            tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        for processor in self.processors:
+            if hasattr(processor, "chosen"):
+                processor.chosen(tokens)
+        return tokens
 
 
 SAMPLING_EPS = 1e-5  # as vLLM: a temperature below this is greedy (1e-300 would divide to inf)
@@ -149,7 +155,12 @@ class LogprobRecorder:
 
 class GrammarMask:
     """The xgrammar logits mask for every row of a batch: each row has its own matcher,
-    advanced by the token its row chose at the step before (the last column of the ids)."""
+    advanced by the token its row chose at the step before.
+
+    In qvl's loop the sampler hands the chosen tokens over at once (:meth:`chosen`), and the
+    matchers advance and fill the next mask on a thread while the model runs its forward
+    pass (xgrammar releases the GIL); in transformers' generate, which has no such hook,
+    the mask is filled when the next logits arrive, from the last column of the ids."""
 
     def __init__(self, compiled: Any, rows: int, start: int, vocab: int, control: Any) -> None:
         import xgrammar as xgr
@@ -157,13 +168,9 @@ class GrammarMask:
         self.matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
         self.start, self.vocab, self.control = start, vocab, control
         self.bitmask = xgr.allocate_token_bitmask(rows, vocab)
+        self.ahead: Any = None  # the thread filling the next mask, started by chosen()
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-        import xgrammar as xgr
-
-        steps = input_ids.shape[1] - self.start
-        last = input_ids[:, -1].tolist() if steps > 0 else None
+    def _advance_and_fill(self, last: list[int] | None) -> None:
         for row, matcher in enumerate(self.matchers):
             if last is not None and not matcher.is_terminated():
                 matcher.accept_token(last[row])
@@ -171,6 +178,25 @@ class GrammarMask:
                 self.bitmask[row].fill_(-1)  # ended: nothing to constrain (its tokens are dropped)
             else:
                 matcher.fill_next_token_bitmask(self.bitmask, row)
+
+    def chosen(self, tokens: Any) -> None:
+        """The tokens just chosen (B,): advance and fill the next mask beside the forward pass."""
+        import threading
+
+        self.ahead = threading.Thread(target=self._advance_and_fill, args=(tokens.tolist(),),
+                                      name="qvl-grammar", daemon=True)
+        self.ahead.start()
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+        import xgrammar as xgr
+
+        if self.ahead is not None:
+            self.ahead.join()
+            self.ahead = None
+        else:
+            steps = input_ids.shape[1] - self.start
+            self._advance_and_fill(input_ids[:, -1].tolist() if steps > 0 else None)
         vocab = scores.shape[-1]
         if scores.device.type == "cpu" and scores.dtype != torch.float32:
             scores = scores.float()
