@@ -207,6 +207,16 @@ def test_n_answers_decoded_together_and_greedy_unchanged(served):
     assert many.usage.completion_tokens == 3 * 8
     sampled = served.chat(max_tokens=8, n=4, temperature=1.0, extra_body={"top_k": -1, "top_p": 1.0})
     assert len({c.message.content for c in sampled.choices}) > 1
+    texts, finishes = {0: "", 1: ""}, {}
+    for chunk in served.chat(max_tokens=8, n=2, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+        usage = chunk.usage or None
+    reason = many.choices[0].finish_reason
+    assert texts == {0: one, 1: one} and finishes == {0: reason, 1: reason}
+    assert usage.completion_tokens == 16
 
 
 def test_logprobs_whole_and_streamed(served):
@@ -254,6 +264,9 @@ def test_responses_whole_streamed_and_with_images(served):
         deltas = [e.delta for e in s if e.type == "response.output_text.delta"]
         final = s.get_final_response()
     assert "".join(deltas) == final.output_text == whole.output_text
+    fmt = {"format": {"type": "json_schema", "name": "pet", "schema": Pet.model_json_schema()}}
+    pet = served.client.responses.create(model=UID, input="A pet?", text=fmt, max_output_tokens=80, temperature=0)
+    Pet.model_validate_json(pet.output_text)
     content = [{"type": "input_image", "image_url": image_uri()}, {"type": "input_text", "text": "hi"}]
     seen = served.client.responses.create(model=UID, input=[{"role": "user", "content": content}],
                                           instructions="Be brief.", max_output_tokens=2)
