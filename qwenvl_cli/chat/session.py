@@ -213,8 +213,8 @@ class ChatSession:
             raise UsageError("/save needs a file name", "e.g. /save chat.json")
         path = Path(arg).expanduser()
         data = {"version": SAVE_VERSION, "system": self.system, "messages": self.history,
-                "params": {k: v for k, v in asdict(self.params).items()
-                           if v is not None and v != () and v is not False}}
+                "params": {k: v for k, v in asdict(self.params).items()  # what differs from the defaults
+                           if v != getattr(GenerationParams(), k)}}
         tmp = path.with_name(path.name + ".tmp")
         try:
             tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
