@@ -29,6 +29,14 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_tokens tokens
+    min_p: float | None = None
+    presence_penalty: float | None = None  # OpenAI's: subtracted once from every token seen
+    frequency_penalty: float | None = None  # OpenAI's: subtracted per occurrence
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    n: int = 1  # answers per request, decoded together as rows of one batch
+    logprobs: bool = False  # each token's log-probability (and top_logprobs alternatives)
+    top_logprobs: int = 0
+    grammar: tuple[str, str] | None = None  # ("json_object", "") or ("json_schema", schema JSON)
 
     def validated(self) -> GenerationParams:
         """Return self, or raise UsageError naming the bad value and its valid range."""
@@ -36,9 +44,13 @@ class GenerationParams:
             ("max_tokens", self.max_tokens, lambda v: v >= 1, "a whole number of at least 1"),
             ("temperature", self.temperature, lambda v: 0 <= v <= 2, "between 0 and 2"),
             ("top_p", self.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1"),
-            ("top_k", self.top_k, lambda v: v >= 0, "0 (off) or more"),
+            ("top_k", self.top_k, lambda v: v >= -1, "-1 or 0 (off), or more"),
+            ("min_p", self.min_p, lambda v: 0 <= v <= 1, "between 0 and 1"),
+            ("presence_penalty", self.presence_penalty, lambda v: -2 <= v <= 2, "between -2 and 2"),
+            ("frequency_penalty", self.frequency_penalty, lambda v: -2 <= v <= 2, "between -2 and 2"),
+            ("n", self.n, lambda v: 1 <= v <= 16, "between 1 and 16"),
             ("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "above 0"),
-            ("seed", self.seed, lambda v: v >= 0, "0 or more"),
+            ("seed", self.seed, lambda v: 0 <= v < 2**64, "0 or more, below 2**64"),
         ]
         for name, value, ok, wanted in checks:
             if value is not None and (isinstance(value, bool) or not ok(value)):
@@ -53,7 +65,15 @@ class GenerationParams:
     def batch_key(self) -> tuple:
         """Requests with equal keys can be decoded together (one sampler for the batch);
         max_tokens and stop may differ: they are applied per request."""
-        return (self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed, self.ignore_eos)
+        return (self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed, self.ignore_eos,
+                self.min_p, self.presence_penalty, self.frequency_penalty, self.logit_bias, self.n,
+                self.logprobs, self.top_logprobs, self.grammar)
+
+    def history_free(self) -> bool:
+        """Whether the token choice looks at nothing but the last logits (no penalty on the
+        tokens so far): such requests can join a continuous batch."""
+        return (self.repetition_penalty in (None, 1.0) and not self.presence_penalty
+                and not self.frequency_penalty and self.grammar is None and not self.logprobs and self.n == 1)
 
     def merged(self, **overrides: Any) -> GenerationParams:
         """A copy with the non-None overrides applied (per-request options over defaults)."""
@@ -88,6 +108,13 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One streamed record: a text delta, or (last) the finish reason with usage and timings."""
 
@@ -95,6 +122,8 @@ class Chunk:
     finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last chunk
     usage: Usage | None = None
     timings: Timings | None = None
+    index: int = 0  # which of the request's n answers
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens of this delta, when asked for
 
 
 @dataclass
@@ -106,9 +135,11 @@ class Answer:
     usage: Usage | None = None
     timings: Timings | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def add(self, chunk: Chunk) -> None:
         self.text += chunk.text
+        self.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
             self.usage = chunk.usage
@@ -218,8 +249,10 @@ class TokenStream:
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str], eos_ids: set[int], stop: Sequence[str],
-                 max_tokens: int, prompt_tokens: int, start: float) -> None:
+                 max_tokens: int, prompt_tokens: int, start: float, index: int = 0) -> None:
         self.decoder = IncrementalDecoder(decode)
+        self.index = index
+        self.held: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
         self.stops = StopText(stop)
         self.eos_ids = eos_ids
         self.max_tokens = max_tokens
@@ -233,7 +266,9 @@ class TokenStream:
     def done(self) -> bool:
         return self.finish is not None
 
-    def push(self, ids: Sequence[int], now: float) -> list[Chunk]:
+    def push(self, ids: Sequence[int], now: float, logprobs: Sequence[tuple[float, list]] | None = None) -> list[Chunk]:
+        """The chunks for these new tokens; ``logprobs`` (one (logprob, [(token, logprob)])
+        per id) puts each kept token's log-probability on the chunk that carries its text."""
         if self.done:
             return []
         self.first_at = self.first_at or now
@@ -245,11 +280,15 @@ class TokenStream:
                 reason = "stop"
                 break
             kept.append(token)
+            if logprobs is not None:
+                value, top = logprobs[len(kept) - 1]
+                self.held.append(TokenLogprob(self.decoder.decode([token]), value,
+                                              tuple((self.decoder.decode([t]), v) for t, v in top)))
             if self.count >= self.max_tokens:
                 reason = "length"
                 break
         text = self.stops.feed(self.decoder.push(kept)) if kept else ""
-        out = [Chunk(text=text)] if text else []
+        out = [self._chunk(text=text)] if text else []
         if self.stops.stopped:
             reason = "stop"
         if reason:
@@ -265,6 +304,10 @@ class TokenStream:
         first = self.first_at or now
         decode_s = now - first
         tps = (self.count - 1) / decode_s if self.count > 1 and decode_s > 0 else 0.0
-        final = Chunk(finish_reason=reason, usage=Usage(self.prompt_tokens, self.count),
-                      timings=Timings(first - self.start, now - self.start, tps))
-        return ([Chunk(text=tail)] if tail else []) + [final]
+        out = [self._chunk(text=tail)] if tail else []
+        return out + [self._chunk(finish_reason=reason, usage=Usage(self.prompt_tokens, self.count),
+                                  timings=Timings(first - self.start, now - self.start, tps))]
+
+    def _chunk(self, **fields: Any) -> Chunk:
+        held, self.held = tuple(self.held), []
+        return Chunk(index=self.index, logprobs=held, **fields)

@@ -67,7 +67,13 @@ def part_from_openai(part: Any, where: str) -> dict[str, Any]:
     if not isinstance(part, Mapping):
         raise BadMessage(f"{where}: a content part must be an object, not {type(part).__name__}",
                          "send parts like {\"type\": \"text\", \"text\": \"...\"}")
-    kind = part.get("type") or next((k for k in ("text", "image", "image_url", "video", "video_url")
+    kind = part.get("type")
+    if kind in ("input_text", "output_text"):  # the Responses API's parts, accepted in chat too
+        kind = "text"
+    if kind == "input_image":
+        part = {**part, "type": "image_url"}
+        kind = "image_url"
+    kind = kind or next((k for k in ("text", "image", "image_url", "video", "video_url")
                                      if k in part), None)
     if kind == "text":
         text = part.get("text")
@@ -85,8 +91,9 @@ def part_from_openai(part: Any, where: str) -> dict[str, Any]:
                      "use text, image_url or video_url parts")
 
 
-def from_openai(messages: Any) -> list[Message]:
-    """Validate an OpenAI ``messages`` list and return it in Qwen's format."""
+def from_openai(messages: Any, require_user: bool = True) -> list[Message]:
+    """Validate an OpenAI ``messages`` list and return it in Qwen's format (the server
+    accepts a system-only conversation, as OpenAI and vLLM do: ``require_user`` False)."""
     if not isinstance(messages, list) or not messages:
         raise BadMessage("'messages' must be a non-empty list", "send at least one user message")
     out: list[Message] = []
@@ -112,7 +119,7 @@ def from_openai(messages: Any) -> list[Message]:
             raise BadMessage(f"{where}: only user messages may carry images or videos",
                              "move the media into a user message")
         out.append({"role": role, "content": parts})
-    if all(m["role"] != "user" for m in out):
+    if require_user and all(m["role"] != "user" for m in out):
         raise BadMessage("the conversation has no user message", "add a user message")
     return out
 

@@ -16,7 +16,7 @@ from qwenvl_cli.generation import (Answer, Chunk, GenerationParams, IncrementalD
     ({"temperature": 2.5}, "temperature"),
     ({"top_p": 0}, "top_p must be above 0"),
     ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -1}, "top_k"),
+    ({"top_k": -2}, "top_k"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"seed": -1}, "seed"),
     ({"stop": ("",)}, "stop sequences must be non-empty"),

@@ -22,6 +22,7 @@ ONLY = {  # third-party top-level packages that one wing alone may import
     "torch": {"engine"}, "torchvision": {"engine"}, "transformers": {"engine"}, "accelerate": {"engine"},
     "gptqmodel": {"engine"}, "optimum": {"engine"}, "qwen_vl_utils": {"engine"},
     "vllm": {"engine"}, "ray": {"engine"},
+    "xgrammar": {"engine"}, "prometheus_client": {"serve"},
 }
 
 

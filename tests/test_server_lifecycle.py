@@ -14,6 +14,7 @@ import pytest
 
 from qwenvl_cli.generation import Chunk, Usage
 from qwenvl_cli.serve import api, server
+from qwenvl_cli.serve.protocol import openai_h11_protocol
 
 
 class SlowEngine:
@@ -45,7 +46,7 @@ class App:
         self.sock = server.bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(server.create_app(self.state), log_level="critical",
-                                                    lifespan="off", http=server.json_h11_protocol(),
+                                                    lifespan="off", http=openai_h11_protocol(),
                                                     timeout_graceful_shutdown=15))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()

@@ -57,16 +57,24 @@ def test_pixel_extras_and_server_defaults_reach_the_media_parts():
 @pytest.mark.parametrize("body, error, status", [
     ([], "must be a JSON object", 400),
     ({"model": "other", "messages": TEXT}, "does not exist", 404),
-    ({"messages": TEXT, "n": 3}, "'n' must be 1", 400),
+    ({"messages": TEXT, "n": 17}, "'n' must be at most 16", 400),
     ({"messages": TEXT, "stop": 5}, "'stop' must be", 400),
     ({"messages": TEXT, "stop": [""]}, "non-empty", 400),
     ({"messages": TEXT, "top_p": 0}, "top_p", 400),
     ({"messages": TEXT, "seed": 1.5}, "'seed' must be an integer", 400),
     ({"messages": TEXT, "temperature": True}, "'temperature' must be a number", 400),
     ({"messages": TEXT, "stream": "yes"}, "'stream' must be true or false", 400),
-    ({"messages": TEXT, "logprobs": True}, "logprobs", 400),
-    ({"messages": TEXT, "frequency_penalty": 0.5}, "not supported", 400),
-    ({"messages": TEXT, "response_format": {"type": "json_object"}}, "response_format", 400),
+    ({"messages": TEXT, "top_logprobs": 2}, "'top_logprobs' needs 'logprobs'", 400),
+    ({"messages": TEXT, "frequency_penalty": 2.5}, "'frequency_penalty' must be at most 2", 400),
+    ({"messages": TEXT, "response_format": {"type": "xml"}}, "'response_format.type' must be one of", 400),
+    ({"messages": TEXT, "best_of": 2}, "'best_of'", 400),
+    ({"messages": TEXT, "guided_json": {}}, "'guided_json'", 400),
+    ({"messages": TEXT, "min_tokens": 3}, "min_tokens is not supported", 400),
+    ({"messages": TEXT, "unheard_of": 1}, "'unheard_of' is not a field", 400),
+    ({"messages": TEXT, "stream_options": {"include_usage": True}}, "only allowed when 'stream' is true", 400),
+    ({"messages": TEXT, "tools": [{"type": "function"}]}, "tool calling", 400),
+    ({"messages": TEXT, "seed": 2**64 + 1}, "'seed' must be at most", 400),
+    ({"messages": TEXT, "ignore_eos": True, "response_format": {"type": "json_object"}}, "'ignore_eos'", 400),
     ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "only user messages", 400),
 ])
@@ -91,7 +99,7 @@ def test_error_bodies_and_statuses():
 
 def test_response_shapes():
     answer = Answer("hi", "length", Usage(3, 2))
-    body = api.completion("id1", "m", answer, created=5)
+    body = api.completion("id1", "m", [answer], created=5)
     assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "hi"},
                                   "logprobs": None, "finish_reason": "length"}
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}

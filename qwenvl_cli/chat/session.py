@@ -235,8 +235,8 @@ class ChatSession:
         except OSError as exc:
             raise UsageError(f"cannot embed {exc.filename}: {exc.strerror}", "/save without --embed") from None
         data = {"version": SAVE_VERSION, "system": self.system, "messages": history,
-                "params": {k: v for k, v in asdict(self.params).items()
-                           if v is not None and v != () and v is not False}}
+                "params": {k: v for k, v in asdict(self.params).items()  # what differs from the defaults
+                           if v != getattr(GenerationParams(), k)}}
         tmp = path.with_name(path.name + ".tmp")
         try:
             tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))

@@ -237,6 +237,11 @@ MaxBodyMb = Annotated[int, typer.Option(
     "--max-body-mb", min=1, help="Largest request body in MiB (inline images and videos count); larger "
     "ones are answered 413.", rich_help_panel=SERVER_PANEL)]
 
+AllowedOrigins = Annotated[Optional[list[str]], typer.Option(
+    "--allowed-origins", help="Web origins allowed to call the API from a browser (CORS), e.g. "
+    "http://localhost:3000; repeat or separate with commas; '*' for any. Default: none.",
+    rich_help_panel=SERVER_PANEL)]
+
 
 def examples(*lines: str) -> str:
     """The epilog of a command's --help: one example per line."""

@@ -8,6 +8,7 @@ import typer
 
 from qwenvl_cli import render
 from qwenvl_cli.cli.options import (
+    AllowedOrigins,
     AllowLocalMedia,
     AllowMediaDomains,
     AllowRemoteMedia,
@@ -69,7 +70,8 @@ def launch(
     foreground: Foreground = False, allow_local_media: AllowLocalMedia = None,
     allow_remote_media: AllowRemoteMedia = False, allow_media_domains: AllowMediaDomains = None,
     shutdown_grace: ShutdownGrace = 5.0, max_queue: MaxQueue = 32, max_batch: MaxBatch = 8,
-    max_body_mb: MaxBodyMb = 64, quiet: Quiet = False, json_output: JsonOutput = False,
+    max_body_mb: MaxBodyMb = 64, allowed_origins: AllowedOrigins = None, quiet: Quiet = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Start a model as an OpenAI-compatible server in the background and print its endpoint."""
     from dataclasses import asdict
@@ -77,7 +79,9 @@ def launch(
     from qwenvl_cli.catalogue.resolve import SpecQuery
     from qwenvl_cli.fit import memory
     from qwenvl_cli.serve import launcher
+    from qwenvl_cli.serve.middleware import parse_origins
 
+    origins = parse_origins(allowed_origins or [])
     key = launcher.default_api_key(api_key)
     launcher.warn_exposed(host, key)
     engine = engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn, decode_loop, compile_mode,
@@ -93,7 +97,8 @@ def launch(
         choice, asdict(engine), host, port, context_length=context_length, max_pixels=max_pixels,
         allow_local_media=allow_local_media, allow_remote_media=allow_remote_media,
         allow_media_domains=tuple(allow_media_domains or ()), shutdown_grace=shutdown_grace, max_queue=max_queue,
-        max_batch=max_batch, max_body_bytes=max_body_mb * 2**20, foreground=foreground)
+        max_batch=max_batch, max_body_bytes=max_body_mb * 2**20, foreground=foreground,
+        allowed_origins=origins)
     show = (lambda entry: render.print_json(entry.to_dict())) if json_output else _show_launched
     if foreground:
         raise typer.Exit(launcher.run_foreground(config, key, on_ready=show))

@@ -40,7 +40,7 @@ def batch_bucket(n: int, limit: int) -> int:
 
 def eligible(job: Any) -> bool:
     """Jobs whose sampling does not look at the sequence so far (no repetition penalty)."""
-    return job.params.repetition_penalty in (None, 1.0)
+    return job.params.history_free()
 
 
 def run(engine: Any, take: Take, max_batch: int = 16, length: int | None = None) -> Iterator[tuple[Any, Any]]:

@@ -150,9 +150,11 @@ class Engine:
                                 **self._preprocess_kwargs(visual.images, visual.videos))
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         if prompt_tokens >= self.context_length:
-            raise PromptTooLong(
+            err = PromptTooLong(
                 f"the prompt is {prompt_tokens} tokens long; the model's context length is {self.context_length}",
                 "shorten the conversation (/clear), or lower --max-pixels / --fps / --max-frames")
+            err.prompt_tokens, err.context_length = prompt_tokens, self.context_length  # for the server's 400
+            raise err
         infos = vision.processed_infos(list(visual.infos), inputs, self.processor)  # what the model gets
         return Prepared(inputs, prompt_tokens, infos, time.perf_counter() - start)
 
@@ -160,22 +162,15 @@ class Engine:
 
     def generate_kwargs(self, params: GenerationParams, max_new_tokens: int) -> dict[str, Any]:
         """Keyword arguments for ``model.generate`` from the params over the checkpoint defaults."""
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.pad_id,
-                                  "eos_token_id": sorted(self.eos_ids)}
-        if params.temperature == 0:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            if params.temperature is not None:
-                kwargs.update(do_sample=True, temperature=params.temperature)
-            if params.top_p is not None:
-                kwargs["top_p"] = params.top_p
-            if params.top_k is not None:
-                kwargs["top_k"] = params.top_k
-        if params.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = params.repetition_penalty
-        if params.ignore_eos:
-            kwargs["min_new_tokens"] = max_new_tokens
-        return kwargs
+        from qwenvl_cli.engine import sampling
+
+        return sampling.generate_kwargs(params, max_new_tokens, self.pad_id, self.eos_ids)
+
+    def validate(self, params: GenerationParams) -> None:
+        """What only the loaded model can check (logit_bias ids, response_format's schema)."""
+        from qwenvl_cli.engine import sampling
+
+        sampling.validate(self, params)
 
     def job(self, messages: list[dict[str, Any]], params: GenerationParams = GenerationParams(),
             prepared: Prepared | None = None, cancel: threading.Event | None = None) -> Job:
@@ -270,11 +265,18 @@ class Engine:
         return out
 
     def _run(self, jobs: list[Job]) -> Iterator[tuple[int, Chunk]]:
+        from qwenvl_cli.engine import sampling
+
         kwargs = self.generate_kwargs(jobs[0].params, max(j.max_new for j in jobs))
-        inputs = jobs[0].prepared.inputs if len(jobs) == 1 else self.collate([j.prepared for j in jobs])
+        rows = [(i, job, k) for i, job in enumerate(jobs) for k in range(job.params.n)]  # n answers: n rows
+        inputs = jobs[0].prepared.inputs if len(rows) == 1 else self.collate([j.prepared for _, j, _ in rows])
         inputs = {k: v.to(self.plan.input_device) for k, v in inputs.items()}
+        extra, recorder = sampling.extra_processors(self, jobs[0].params, int(inputs["input_ids"].shape[-1]),
+                                                    len(rows))
+        if extra:
+            kwargs["logits_processor"] = extra
         streams = [TokenStream(self._decode, self.eos_ids, j.params.stop, j.max_new,
-                               j.prepared.prompt_tokens, j.start) for j in jobs]
+                               j.prepared.prompt_tokens, j.start, k) for _, j, k in rows]
         # qvl's decode loop runs on this thread, step by step; transformers' generate needs
         # a thread of its own to stream. Running torch on one thread also spares a CPU the
         # cost of several OpenMP thread teams (docs/performance.md, engine overhead).
@@ -282,8 +284,10 @@ class Engine:
         try:
             for step in steps(inputs, kwargs, jobs[0].params.seed, streams):
                 now = time.perf_counter()
-                for i, (job, stream) in enumerate(zip(jobs, streams)):
-                    chunks = stream.close("cancelled", now) if job.cancel.is_set() else stream.push(step[i:i + 1], now)
+                scores = recorder.take(step) if recorder is not None else None
+                for r, ((i, job, _), stream) in enumerate(zip(rows, streams)):
+                    chunks = stream.close("cancelled", now) if job.cancel.is_set() else \
+                        stream.push(step[r:r + 1], now, scores[r:r + 1] if scores else None)
                     for chunk in chunks:
                         yield i, chunk
                 if all(s.done for s in streams):
@@ -297,7 +301,7 @@ class Engine:
                 f"generation failed: {type(exc).__name__}: {_first_line(exc)}",
                 "rerun with QVL_DEBUG=1 for details") from exc
         now = time.perf_counter()
-        for i, (job, stream) in enumerate(zip(jobs, streams)):
+        for (i, job, _), stream in zip(rows, streams):
             for chunk in stream.close("cancelled" if job.cancel.is_set() else "length", now):
                 yield i, chunk
 
@@ -318,6 +322,10 @@ class Engine:
                         streams: list[TokenStream]) -> Iterator[list[int]]:
         """transformers' generate on a worker thread that always ends its stream; its errors
         are raised here, and closing this generator stops and joins it."""
+        if "logits_processor" in kwargs:
+            from qwenvl_cli.engine.sampling import generate_with_processors
+
+            kwargs = generate_with_processors(self.model, inputs["input_ids"], kwargs)
         tokens: queue.Queue = queue.Queue()
         streamer = QueueStreamer(tokens, END)
         stop_all = threading.Event()

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qwenvl_cli import messages as msgs
 from qwenvl_cli.errors import QvlError, UsageError
-from qwenvl_cli.generation import Answer, GenerationParams, Usage
+from qwenvl_cli.generation import Answer, GenerationParams, TokenLogprob, Usage
 
 DEFAULT_MAX_QUEUE = 32
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -51,6 +51,7 @@ class ServerConfig:
     max_pixels: int | None = None
     log_file: str | None = None
     foreground: bool = False
+    allowed_origins: tuple[str, ...] = ()  # CORS: web pages on these origins may call the API
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -60,6 +61,7 @@ class ServerConfig:
         data = json.loads(text)
         data["aliases"] = tuple(data.get("aliases") or ())
         data["allow_media_domains"] = tuple(data.get("allow_media_domains") or ())
+        data["allowed_origins"] = tuple(data.get("allowed_origins") or ())
         return cls(**data)
 
 
@@ -100,14 +102,37 @@ class Unavailable(HttpError):
     status, type, code = 503, "service_unavailable", "unavailable"
 
 
+def context_exceeded(limit: int, prompt: int, completion: int | None = None) -> BadRequest:
+    """OpenAI's context-overflow error, word for word (litellm and the tools built on it
+    match this text and the code ``context_length_exceeded`` to fire their fallbacks)."""
+    if completion:
+        message = (f"This model's maximum context length is {limit} tokens. However, you requested "
+                   f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion). "
+                   "Please reduce the length of the messages or completion.")
+    else:
+        message = (f"This model's maximum context length is {limit} tokens. However, your messages "
+                   f"resulted in {prompt} tokens. Please reduce the length of the messages.")
+    err = BadRequest(message, "shorten the conversation, lower max_tokens or the images' max_pixels",
+                     param="max_tokens" if completion else "messages")
+    err.code = "context_length_exceeded"
+    return err
+
+
+def check_budget(params: GenerationParams, prompt_tokens: int, context_length: int) -> None:
+    """max_tokens larger than what fits beside the prompt is a 400, as in OpenAI and vLLM."""
+    if params.max_tokens is not None and prompt_tokens + params.max_tokens > context_length:
+        raise context_exceeded(context_length, prompt_tokens, params.max_tokens)
+
+
 def http_error(exc: BaseException) -> HttpError:
     """Any exception -> the HttpError to answer with (usage errors are 400, the rest 500)."""
     if isinstance(exc, HttpError):
         return exc
     if isinstance(exc, UsageError):
-        code = "context_length_exceeded" if type(exc).__name__ == "PromptTooLong" else None
-        err = BadRequest(exc.message, exc.hint)
-        err.code = code
+        if type(exc).__name__ == "PromptTooLong" and getattr(exc, "context_length", None):
+            return context_exceeded(exc.context_length, exc.prompt_tokens)
+        err = BadRequest(exc.message, exc.hint, param=getattr(exc, "param", None))
+        err.code = "context_length_exceeded" if type(exc).__name__ == "PromptTooLong" else None
         return err
     if type(exc).__name__ == "OutOfMemory":  # this request was too much now; the model still serves
         return Unavailable(exc.message, exc.hint)
@@ -133,43 +158,7 @@ class ChatRequest:
     params: GenerationParams
     stream: bool = False
     include_usage: bool = False
-
-
-_UNSUPPORTED = {
-    "tools": "tool calling is not supported", "functions": "function calling is not supported",
-    "tool_choice": "tool calling is not supported", "function_call": "function calling is not supported",
-    "logprobs": "logprobs are not supported", "top_logprobs": "logprobs are not supported",
-    "logit_bias": "logit_bias is not supported", "audio": "audio output is not supported",
-    "prediction": "predicted outputs are not supported",
-}
-
-
-def _number(body: Mapping[str, Any], name: str, kind: type = float) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok:
-        wanted = "an integer" if kind is int else "a number"
-        raise BadRequest(f"'{name}' must be {wanted}, not {value!r}", f"fix '{name}'", param=name)
-    return value
-
-
-def _flag(body: Mapping[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if not isinstance(value, bool):
-        raise BadRequest(f"'{name}' must be true or false, not {value!r}", f"fix '{name}'", param=name)
-    return value
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return tuple(value)
-    raise BadRequest("'stop' must be a string or a list of strings", "fix 'stop'", param="stop")
+    prompt: str | None = None  # /v1/completions: the text as given, no chat template
 
 
 def check_model(name: Any, config: ServerConfig) -> str:
@@ -183,65 +172,73 @@ def check_model(name: Any, config: ServerConfig) -> str:
     return config.uid
 
 
-def _params(body: Mapping[str, Any]) -> GenerationParams:
-    max_tokens = _number(body, "max_completion_tokens", int)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name) not in (None, 0):
-            raise BadRequest(f"'{name}' is not supported", "use 'repetition_penalty' instead", param=name)
+def _params(chat: Any) -> GenerationParams:
+    """The checked body's sampling fields as GenerationParams (vLLM's readings: seed -1 is
+    no seed, top_k -1 is no top-k)."""
+    max_tokens = chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
+    stop = (chat.stop,) if isinstance(chat.stop, str) else tuple(chat.stop or ())
     params = GenerationParams(
-        max_tokens=max_tokens, temperature=_number(body, "temperature"), top_p=_number(body, "top_p"),
-        top_k=_number(body, "top_k", int), repetition_penalty=_number(body, "repetition_penalty"),
-        seed=_number(body, "seed", int), stop=_stop(body.get("stop")),
-        ignore_eos=_flag(body, "ignore_eos"))
+        max_tokens=max_tokens, temperature=chat.temperature, top_p=chat.top_p,
+        top_k=0 if chat.top_k == -1 else chat.top_k, repetition_penalty=chat.repetition_penalty,
+        seed=None if chat.seed == -1 else chat.seed, stop=stop, ignore_eos=bool(chat.ignore_eos),
+        min_p=chat.min_p or None, presence_penalty=chat.presence_penalty or None,
+        frequency_penalty=chat.frequency_penalty or None,
+        logit_bias=tuple(sorted((int(k), float(v)) for k, v in (chat.logit_bias or {}).items())),
+        n=chat.n or 1, logprobs=bool(chat.logprobs), top_logprobs=chat.top_logprobs or 0,
+        grammar=_grammar(chat.response_format))
     try:
         return params.validated()
     except UsageError as exc:
         raise BadRequest(exc.message, exc.hint) from None
 
 
-def _refuse_unsupported(body: Mapping[str, Any]) -> None:
-    for name, why in _UNSUPPORTED.items():
-        if body.get(name) not in (None, False, [], {}):
-            raise BadRequest(f"'{name}': {why} by this server", f"leave '{name}' out", param=name)
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise BadRequest(f"'n' must be 1, not {n!r}: one answer per request",
-                         "send several requests for several answers", param="n")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, Mapping) or fmt.get("type") != "text"):
-        raise BadRequest("'response_format' other than text is not supported",
-                         "leave 'response_format' out", param="response_format")
+def _grammar(fmt: Any) -> tuple[str, str] | None:
+    """response_format -> the grammar the engine constrains the answer with (None: text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return ("json_object", "")
+    return ("json_schema", json.dumps(fmt.json_schema.schema_, sort_keys=True))
 
 
 def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
     """A decoded JSON body -> ChatRequest, or an HttpError (400 / 404)."""
+    from qwenvl_cli.serve import schema
+
     if not isinstance(body, Mapping):
         raise BadRequest("the request body must be a JSON object", "send {\"model\": ..., \"messages\": [...]}")
     model = check_model(body.get("model"), config)
-    _refuse_unsupported(body)
     try:
-        messages = msgs.from_openai(body.get("messages"))
+        chat = schema.check_chat(body)
+        messages = msgs.from_openai(chat.messages, require_user=False)
+        schema.check_part_values(messages, config.max_image_pixels)
     except UsageError as exc:
-        raise BadRequest(exc.message, exc.hint, param="messages") from None
-    pixels = {k: _number(body, k, int) for k in ("min_pixels", "max_pixels")}
-    pixels = {"min_pixels": pixels["min_pixels"] or config.min_pixels,
-              "max_pixels": pixels["max_pixels"] or config.max_pixels}
-    video = {**pixels, "fps": _number(body, "fps"), "max_frames": _number(body, "max_frames", int)}
+        raise BadRequest(exc.message, exc.hint, param=getattr(exc, "param", "messages")) from None
+    mm = chat.mm_processor_kwargs
+    pixels = {"min_pixels": chat.min_pixels or (mm and mm.min_pixels) or config.min_pixels,
+              "max_pixels": chat.max_pixels or (mm and mm.max_pixels) or config.max_pixels}
+    video = {**pixels, "fps": chat.fps or (mm and mm.fps) or None, "max_frames": chat.max_frames}
     messages = msgs.with_defaults(messages, image=pixels, video=video)
-    stream = _flag(body, "stream") if body.get("stream") is not None else False
-    options = body.get("stream_options") or {}
-    if not isinstance(options, Mapping):
-        raise BadRequest("'stream_options' must be an object", "fix 'stream_options'", param="stream_options")
-    return ChatRequest(model, messages, _params(body), stream, bool(options.get("include_usage")))
+    options = chat.stream_options
+    return ChatRequest(model, messages, _params(chat), bool(chat.stream),
+                       bool(options and options.include_usage))
 
 
 def decode_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}", "send a JSON object") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply", "send a JSON object a few levels deep") from None
+    try:  # a lone UTF-16 surrogate (\\ud800) is valid JSON but no text the tokenizer can read
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadRequest("the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff escape)",
+                         "send well-formed Unicode text") from None
+    except (RecursionError, ValueError):
+        raise BadRequest("the request body is nested too deeply", "send a JSON object a few levels deep") from None
+    return body
 
 
 # --- responses --------------------------------------------------------------------------------
@@ -255,28 +252,47 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def completion(req_id: str, model: str, answer: Answer, created: int | None = None) -> dict[str, Any]:
-    usage = answer.usage or Usage(0, 0)
+def logprobs_body(items: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's ``choices[].logprobs``: each token with its log-probability and alternatives."""
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(a, v) for a, v in t.top]}
+                        for t in items], "refusal": None}
+
+
+def total_usage(answers: Sequence[Answer]) -> Usage:
+    """One prompt, n completions: the prompt counted once, the completions summed."""
+    usages = [a.usage for a in answers if a.usage is not None]
+    if not usages:
+        return Usage(0, 0)
+    return Usage(usages[0].prompt_tokens, sum(u.completion_tokens for u in usages))
+
+
+def completion(req_id: str, model: str, answers: Sequence[Answer], created: int | None = None,
+               logprobs: bool = False) -> dict[str, Any]:
+    choices = [{"index": i, "message": {"role": "assistant", "content": a.text},
+                "logprobs": logprobs_body(a.logprobs) if logprobs else None,
+                "finish_reason": _finish(a.finish_reason)} for i, a in enumerate(answers)]
     body = {"id": req_id, "object": "chat.completion", "created": created or int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                         "logprobs": None, "finish_reason": _finish(answer.finish_reason)}],
-            "usage": usage.to_dict()}
-    if answer.timings:
-        body["timings"] = answer.timings.to_dict()
+            "model": model, "choices": choices, "usage": total_usage(answers).to_dict()}
+    if answers and answers[0].timings:
+        body["timings"] = answers[0].timings.to_dict()
     return body
 
 
 def chunk(req_id: str, model: str, created: int, delta: dict[str, Any] | None = None,
           finish_reason: str | None = None, usage: Usage | None = None,
-          include_usage: bool = False) -> dict[str, Any]:
+          include_usage: bool = False, index: int = 0, logprobs: Sequence[TokenLogprob] | None = None,
+          ) -> dict[str, Any]:
     """One streamed chunk. With ``usage`` it is the usage-only last chunk (no choices)."""
     body: dict[str, Any] = {"id": req_id, "object": "chat.completion.chunk", "created": created,
                             "model": model}
     if usage is not None:
         body.update(choices=[], usage=usage.to_dict())
         return body
-    body["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None,
+    body["choices"] = [{"index": index, "delta": delta or {},
+                        "logprobs": logprobs_body(logprobs) if logprobs else None,
                         "finish_reason": _finish(finish_reason) if finish_reason else None}]
     if include_usage:
         body["usage"] = None  # as OpenAI: null on every chunk but the last

@@ -17,36 +17,11 @@ What is guaranteed (docs/server.md says the same):
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from qwenvl_cli.generation import Answer
 from qwenvl_cli.serve.scheduler import DONE, QueuedRequest, Scheduler
-
-PROTOCOL_ERROR = {"error": {
-    "message": "the HTTP request is malformed (bad request line, header or Content-Length)",
-    "type": "invalid_request_error", "param": None, "code": "malformed_request",
-    "hint": "send a well-formed HTTP/1.1 request, e.g. with an OpenAI client or curl"}}
-
-
-def json_h11_protocol() -> type:
-    """uvicorn's h11 protocol, answering its own 400s with the OpenAI error shape."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class JsonErrorsH11Protocol(H11Protocol):
-        def send_400_response(self, msg: str) -> None:
-            body = json.dumps(PROTOCOL_ERROR).encode()
-            headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
-                       (b"content-length", str(len(body)).encode())]
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
-                          h11.Data(data=body), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
-            self.transport.close()
-
-    return JsonErrorsH11Protocol
-
 
 def cut_line(kind: str, reason: str, answer: Answer) -> str:
     """The log line of an answer that did not finish: what happened, after how much."""

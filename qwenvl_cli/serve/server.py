@@ -29,7 +29,7 @@ from qwenvl_cli.errors import EngineError, QvlError, ServerError, UsageError, tr
 from qwenvl_cli.generation import Answer
 from qwenvl_cli.serve import api, registry
 from qwenvl_cli.serve.api import HttpError, ServerConfig, TooLarge, Unauthorized, Unavailable
-from qwenvl_cli.serve.lifecycle import Ticket, cut_line, json_h11_protocol, watch_disconnect
+from qwenvl_cli.serve.lifecycle import Ticket, cut_line, watch_disconnect
 from qwenvl_cli.serve.scheduler import QueuedRequest, Scheduler
 
 Announce = Callable[[dict[str, Any]], None]
@@ -49,6 +49,9 @@ class ServerState:
         self.prepare_slots = threading.BoundedSemaphore(PREPARE_SLOTS)
         self.fetch_slots = threading.BoundedSemaphore(FETCH_SLOTS)
         self.on_fatal: Callable[[], None] = lambda: None  # serve() sets it: stop the process
+        from qwenvl_cli.serve.metrics import Metrics
+
+        self.metrics = Metrics(config.uid)
 
     def ready(self, engine: Any) -> None:
         self.engine = engine
@@ -122,6 +125,12 @@ def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, 
     from qwenvl_cli.serve.media import RequestMedia, needs_fetch, policy_for
 
     policy = policy_for(state.config)
+    state.engine.validate(chat.params)  # logit_bias ids, response_format's schema (compiled once)
+    if chat.prompt is not None:  # /v1/completions
+        from qwenvl_cli.engine.prompts import prepare_text
+
+        with state.prepare_slots:
+            return [], prepare_text(state.engine, chat.prompt)
     fetching = state.fetch_slots if needs_fetch(chat.messages) else contextlib.nullcontext()
     with RequestMedia(policy) as media:
         with fetching:
@@ -130,7 +139,10 @@ def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, 
             return messages, state.engine.prepare(messages, policy)
 
 
-async def chat_completions(state: ServerState, request: Any) -> Any:
+async def answer(state: ServerState, request: Any, parse: Callable[[Any, ServerConfig], api.ChatRequest],
+                 shape: Callable[[str, api.ChatRequest], Any]) -> Any:
+    """One generation request: parse, prepare, queue, answer whole or streamed in ``shape``
+    (formats.ChatFormat, CompletionFormat or ResponsesFormat)."""
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, StreamingResponse
 
@@ -138,68 +150,71 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
     state.check_key(request.headers)
     scheduler = state.require_ready()
     raw = await _read_body(request, state.config.max_body_bytes)
-    chat = api.parse_chat(api.decode_json(raw), state.config)
+    chat = parse(api.decode_json(raw), state.config)
     admission = scheduler.admit()
     try:
         messages, prepared = await run_in_threadpool(_prepare, state, chat)
+        api.check_budget(chat.params, prepared.prompt_tokens, state.engine.context_length)
         ticket = Ticket(asyncio.get_running_loop(), admission, scheduler)
         job = QueuedRequest(messages, chat.params, prepared, ticket.emit)
         scheduler.submit(job)
     except BaseException:
         admission.release()
         raise
-    req_id = api.new_id()
+    fmt = shape(api.new_id(), chat)
     if chat.stream:
-        return StreamingResponse(_events(state, chat, ticket, job, req_id, started),
-                                 media_type="text/event-stream",
+        return StreamingResponse(_events(state, chat, ticket, job, fmt, started), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.create_task(watch_disconnect(request, ticket, job))
-    answer = Answer()
+    answers = [Answer() for _ in range(chat.params.n)]
     try:
         async for chunk in ticket.items():
-            answer.add(chunk)
+            answers[chunk.index].add(chunk)
     except Exception as exc:
-        log(cut_line("json", api.http_error(translate(exc) or exc).message, answer))
+        log(cut_line("json", api.http_error(translate(exc) or exc).message, answers[0]))
         raise
     finally:
         watcher.cancel()
     if watcher.done() and not watcher.cancelled():
-        log(cut_line("json", "the client disconnected", answer))
-    _log_request(chat, answer, started)
-    return JSONResponse(api.completion(req_id, chat.model, answer))
+        log(cut_line("json", "the client disconnected", answers[0]))
+    _log_request(chat, answers[0], started)
+    state.metrics.finished(answers, started)
+    return JSONResponse(fmt.body(answers))
 
 
-async def _events(state: ServerState, chat: api.ChatRequest, ticket: Ticket, job: QueuedRequest,
-                  req_id: str, started: float) -> AsyncIterator[bytes]:
-    created, answer, finished = int(time.time()), Answer(), False
-    head = api.chunk(req_id, chat.model, created, {"role": "assistant", "content": ""},
-                     include_usage=chat.include_usage)
+async def _events(state: ServerState, chat: api.ChatRequest, ticket: Ticket, job: QueuedRequest, fmt: Any,
+                  started: float) -> AsyncIterator[bytes]:
+    answers, finished = [Answer() for _ in range(chat.params.n)], False
     try:
-        yield api.sse(head)
+        for event in fmt.head():
+            yield api.sse(event)
         try:
             async for item in ticket.items():
-                answer.add(item)
-                if item.text:
-                    yield api.sse(api.chunk(req_id, chat.model, created, {"content": item.text},
-                                            include_usage=chat.include_usage))
+                answers[item.index].add(item)
+                if item.text or item.logprobs:
+                    for event in fmt.delta(item):
+                        yield api.sse(event)
+                if item.finish_reason is not None:
+                    for event in fmt.finish(item):
+                        yield api.sse(event)
         except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
             err = api.http_error(translate(exc) or exc)
-            log(cut_line("stream", err.message, answer))
+            log(cut_line("stream", err.message, answers[0]))
             # The shape vLLM and OpenAI send for a stream that fails, and no [DONE] after it:
             # a client must not take the text so far for a whole answer.
             yield api.sse(api.error_body(err))
             finished = True
             return
-        yield api.sse(api.chunk(req_id, chat.model, created, finish_reason=answer.finish_reason,
-                                include_usage=chat.include_usage))
-        if chat.include_usage and answer.usage is not None:
-            yield api.sse(api.chunk(req_id, chat.model, created, usage=answer.usage))
-        yield api.SSE_DONE
+        for event in fmt.end(answers):
+            yield api.sse(event)
+        if fmt.done_marker:
+            yield api.SSE_DONE
         finished = True
-        _log_request(chat, answer, started)
+        _log_request(chat, answers[0], started)
+        state.metrics.finished(answers, started)
     finally:
         if not finished:  # the client went away (or the server is stopping)
-            log(cut_line("stream", "the client disconnected", answer))
+            log(cut_line("stream", "the client disconnected", answers[0]))
             ticket.abandon(job)
 
 
@@ -218,6 +233,9 @@ def create_app(state: ServerState) -> Any:
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse
     from starlette.routing import Route
+
+    from qwenvl_cli.serve import formats, middleware
+    from qwenvl_cli.serve.metrics import CONTENT_TYPE as METRICS_TYPE
 
     config = state.config
 
@@ -241,7 +259,19 @@ def create_app(state: ServerState) -> Any:
         return JSONResponse(api.models_list(config, state.created)["data"][0])
 
     async def chat(request):
-        return await chat_completions(state, request)
+        return await answer(state, request, api.parse_chat, formats.ChatFormat)
+
+    async def completions(request):
+        return await answer(state, request, formats.parse_completion, formats.CompletionFormat)
+
+    async def responses(request):
+        return await answer(state, request, formats.parse_responses, formats.ResponsesFormat)
+
+    async def metrics(request):
+        from starlette.responses import Response
+
+        stats = state.scheduler.stats() if state.scheduler is not None else None
+        return Response(state.metrics.scrape(stats), media_type=METRICS_TYPE)
 
     async def on_http_error(request, exc: HttpError):
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
@@ -249,7 +279,7 @@ def create_app(state: ServerState) -> Any:
 
     async def on_starlette_error(request, exc: HTTPException):
         err = HttpError(f"{request.method} {request.url.path}: {exc.detail}",
-                        "the API lives under /v1: GET /v1/models, POST /v1/chat/completions")
+                        "the API lives under /v1: GET /v1/models, POST /v1/chat/completions, /v1/completions, /v1/responses")
         err.status, err.type = exc.status_code, "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(api.error_body(err), exc.status_code)
 
@@ -262,10 +292,13 @@ def create_app(state: ServerState) -> Any:
 
     routes = [Route("/health", health), Route("/v1/models", models),
               Route("/v1/models/{name:path}", model),
-              Route("/v1/chat/completions", chat, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={
+              Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/responses", responses, methods=["POST"]), Route("/metrics", metrics)]
+    app = Starlette(routes=routes, exception_handlers={
         HttpError: on_http_error, HTTPException: on_starlette_error, QvlError: on_error,
         Exception: on_error})
+    return middleware.wrap(app, config.allowed_origins)
 
 
 # --- the process ------------------------------------------------------------------------------
@@ -375,10 +408,12 @@ def serve(config: ServerConfig, api_key: str | None = None, announce: Announce |
             self.force_exit = self.should_exit and sig == signal.SIGINT
             self.should_exit = True
 
+    from qwenvl_cli.serve.protocol import openai_h11_protocol
+
     # uvicorn's own grace outlasts the scheduler's, so cut answers still reach their clients.
     uv_config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off",
                                timeout_graceful_shutdown=config.shutdown_grace + 5, timeout_keep_alive=30,
-                               http=json_h11_protocol())
+                               http=openai_h11_protocol())
     server = Server(uv_config)
 
     def fatal() -> None:
