@@ -171,6 +171,9 @@ def test_requests_without_a_fetch_pass_the_ones_waiting_on_a_slow_server():
     from qwenvl_cli.serve import server
 
     class Tokenizer:
+        def validate(self, params):
+            pass
+
         def prepare(self, messages, policy=None):
             return "prepared"
 

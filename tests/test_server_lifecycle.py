@@ -20,11 +20,18 @@ from qwenvl_cli.serve.protocol import openai_h11_protocol
 class SlowEngine:
     """``params.max_tokens`` chunks, one every ``delay`` s, honouring ``cancel``."""
 
+    context_length = 32768
+
     def __init__(self, delay: float = 0.05) -> None:
         self.delay = delay
 
+    def validate(self, params):  # what only a loaded model checks: nothing to check here
+        pass
+
     def prepare(self, messages, policy=None):
-        return {"tensors": b"x" * 1000}
+        from types import SimpleNamespace
+
+        return SimpleNamespace(tensors=b"x" * 1000, prompt_tokens=1)
 
     def stream(self, messages, params, prepared=None, cancel=None):
         for i in range(params.max_tokens):
