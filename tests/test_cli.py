@@ -231,7 +231,7 @@ def test_list_specs_fits_80_columns_one_line_per_spec(monkeypatch, capsys):
     assert max(len(line) for line in lines) <= 80
     ids = [line for line in lines if "Qwen/Qwen2-VL-" in line]
     assert len(ids) == 12 and all(line.split()[-1].startswith("Qwen/Qwen2-VL-") for line in ids)
-    assert "on every row: name qwen2-vl-instruct, engines transformers, modelscope same name" in \
+    assert "on every row: name qwen2-vl-instruct, engines transformers, vllm, modelscope same name" in \
         " ".join(buffer.getvalue().split())
     assert "engines" not in lines[1] and "name " not in lines[1]
 
