@@ -12,6 +12,9 @@ from qwenvl_cli.cli.options import (
     AllowRemoteMedia,
     ApiKey,
     Attn,
+    Autoscale,
+    CacheDir,
+    Cluster,
     Compile,
     ContextLength,
     DecodeLoop,
@@ -39,6 +42,7 @@ from qwenvl_cli.cli.options import (
     Port,
     Quantization,
     Quiet,
+    Replicas,
     Revision,
     SizeInBillions,
     StaticCache,
@@ -60,9 +64,15 @@ def launch(
     foreground: Foreground = False, allow_local_media: AllowLocalMedia = None,
     allow_remote_media: AllowRemoteMedia = False, max_queue: MaxQueue = 32, max_batch: MaxBatch = 8,
     max_body_mb: MaxBodyMb = 64, quiet: Quiet = False, json_output: JsonOutput = False,
+    cluster: Cluster = None, replicas: Replicas = 1, autoscale: Autoscale = None, cache_dir: CacheDir = None,
 ) -> None:
     """Start a model as an OpenAI-compatible server in the background and print its endpoint."""
     from dataclasses import asdict
+
+    if cluster:
+        from qwenvl_cli.fit.packages import require_ray
+
+        require_ray()  # before anything else
 
     from qwenvl_cli.catalogue.resolve import SpecQuery
     from qwenvl_cli.fit import memory
@@ -72,8 +82,19 @@ def launch(
     launcher.warn_exposed(host, key)
     engine = engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn, decode_loop, compile_mode,
                             static_cache, gpu_preprocess, warmup=True)
-    launcher.check_port_free(host, port)
     query = SpecQuery(model_name, model_engine, size_in_billions, model_format, quantization, download_hub)
+    if cluster:
+        from qwenvl_cli.serve import cluster as ray_cluster
+
+        plan = ray_cluster.plan(
+            cluster, query, model_path, asdict(engine), uid=model_uid, replicas=replicas, autoscale=autoscale,
+            cache_dir=cache_dir, revision=revision, offline=offline, force=force, host=host, port=port,
+            context_length=context_length, max_pixels=max_pixels, allow_local_media=allow_local_media,
+            allow_remote_media=allow_remote_media, max_queue=max_queue, max_batch=max_batch,
+            max_body_bytes=max_body_mb * 2**20)
+        entry = ray_cluster.launch(plan, key, quiet)
+        return render.print_json(entry.to_dict()) if json_output else _show_launched(entry)
+    launcher.check_port_free(host, port)
     choice = launcher.choose_model(query, model_path, memory.workload(context_length, max_pixels), gpu_idx, force,
                                    model_uid, revision, offline, quiet, device)
     config = launcher.server_config(
@@ -99,7 +120,7 @@ def list_models(json_output: JsonOutput = False) -> None:
 
     entries = registry.entries()
     if json_output:
-        render.print_json([e.to_dict() for e in entries])
+        render.print_json([launcher.listing(e) for e in entries])
     elif not entries:
         render.status("no launched model is running; start one with `qvl launch -s 2`")
     else:

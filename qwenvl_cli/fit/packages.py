@@ -27,6 +27,22 @@ CPU_BACKENDS = {"awq": "torch_awq", "gptq": "gptq_torch"}
 TESTED = "gptqmodel 7.7, optimum 2.3"
 
 
+# What --cluster needs (the qvl[ray] extra): Ray itself, Ray Data's pyarrow, Ray Serve's
+# aiohttp; looked up as top-level modules, so nothing is imported.
+RAY_MODULES = ("ray", "pyarrow", "aiohttp")
+
+
+def require_ray() -> None:
+    """Stop with one line naming the install command when Ray (Serve and Data) is missing:
+    the first check of every ``--cluster`` command, before anything is resolved or read."""
+    missing = [name for name in RAY_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingDependency(f"--cluster runs on Ray, and {missing[0]} is not installed: "
+                                f'pip install "qvl[ray]"',
+                                "install it on this machine and on every node of the cluster "
+                                "(the same versions of Ray and qvl everywhere; see docs/cluster.md)")
+
+
 def install_command(model_format: str) -> str:
     return f'pip install "qvl[{model_format.lower()}]"'
 

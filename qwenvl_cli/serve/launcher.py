@@ -313,6 +313,10 @@ def _stop_process(pid: int, group: bool, timeout: float, start: str | None = Non
 
 def terminate(entry: registry.Entry, timeout: float = 10.0) -> str:
     """Stop a launched model: SIGTERM, then SIGKILL after ``timeout`` s. 'stopped' or 'killed'."""
+    if entry.cluster is not None:
+        from qwenvl_cli.serve import cluster
+
+        return cluster.terminate(entry)
     if entry.pid == os.getpid():
         raise ServerError("refusing to terminate this very process", "run terminate from another shell")
     # A background server leads its own session: signal the group so that nothing it
@@ -376,10 +380,31 @@ def summary(entry: registry.Entry) -> list[tuple[str, str]]:
             ("stop", f"qvl terminate {entry.uid}")]
 
 
+def listing(entry: registry.Entry) -> dict[str, Any]:
+    """`qvl list --json`'s record: the registry entry, plus the replicas' health for a
+    deployment on a Ray cluster (asked of the cluster; ``unreachable`` when it cannot be)."""
+    data = entry.to_dict()
+    if entry.cluster is not None:
+        from qwenvl_cli.serve import cluster
+
+        try:
+            data["health"] = cluster.health(entry)
+        except QvlError as exc:
+            data["health"] = {"status": "UNREACHABLE", "error": exc.message, "replicas": []}
+    return data
+
+
 def rows(entries: list[registry.Entry]) -> list[list[str]]:
     """`qvl list` table rows."""
     from qwenvl_cli.hub.progress import human_seconds
 
-    return [[e.uid, e.spec_label(), e.endpoint, str(e.pid), human_seconds(e.uptime), e.state,
-             "-" if e.gpu_memory_bytes is None else f"{e.gpu_memory_bytes / 2**30:.1f} GiB"]
-            for e in entries]
+    out = []
+    for e in entries:
+        state, pid = e.state, str(e.pid)
+        if e.cluster is not None:
+            health = listing(e)["health"]
+            alive = sum(1 for r in health["replicas"] if r["state"] == "ALIVE")
+            state, pid = f"{health['status'].lower()}, {alive} replica(s) alive", f"ray {e.cluster}"
+        out.append([e.uid, e.spec_label(), e.endpoint, pid, human_seconds(e.uptime), state,
+                    "-" if e.gpu_memory_bytes is None else f"{e.gpu_memory_bytes / 2**30:.1f} GiB"])
+    return out

@@ -62,6 +62,16 @@ class ServerState:
         if self.scheduler is not None:
             threading.Thread(target=self.scheduler.close, daemon=True).start()
 
+    def prepare(self, chat: api.ChatRequest) -> tuple[list[dict[str, Any]], Any]:
+        """Check and decode the media with the server's policy, then tokenize (a worker thread).
+        A cluster's ingress (serve/cluster.py) leaves this to the engine replica."""
+        from qwenvl_cli.serve.media import RequestMedia, policy_for
+
+        policy = policy_for(self.config)
+        with self.prepare_slots, RequestMedia(policy) as media:
+            messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
+            return messages, self.engine.prepare(messages, policy)
+
     def check_key(self, headers: Any) -> None:
         if not self.api_key:
             return
@@ -122,16 +132,6 @@ async def _read_body(request: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, Any]], Any]:
-    """Check and decode the media with the server's policy, then tokenize (a worker thread)."""
-    from qwenvl_cli.serve.media import RequestMedia, policy_for
-
-    policy = policy_for(state.config)
-    with state.prepare_slots, RequestMedia(policy) as media:
-        messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
-        return messages, state.engine.prepare(messages, policy)
-
-
 async def _watch_disconnect(request: Any, ticket: Ticket, job: QueuedRequest) -> None:
     while True:
         message = await request.receive()
@@ -151,7 +151,7 @@ async def chat_completions(state: ServerState, request: Any) -> Any:
     chat = api.parse_chat(api.decode_json(raw), state.config)
     admission = scheduler.admit()
     try:
-        messages, prepared = await run_in_threadpool(_prepare, state, chat)
+        messages, prepared = await run_in_threadpool(state.prepare, chat)
         ticket = Ticket(asyncio.get_running_loop(), admission)
         job = QueuedRequest(messages, chat.params, prepared, ticket.emit)
         scheduler.submit(job)
@@ -301,24 +301,31 @@ def bind(host: str, port: int) -> socket.socket:
 def _gpu_memory(engine: Any) -> int | None:
     return engine.gpu_memory_allocated()
 
+def open_engine(config: ServerConfig, announce: Announce) -> Any:
+    """Load the engine a ServerConfig names, warmed up and ready for concurrent requests
+    (this server's process, or a replica on a Ray cluster: serve/cluster.py)."""
+    from qwenvl_cli.engine.engine import Engine
+    from qwenvl_cli.engine.options import EngineOptions
+
+    announce({"event": "status", "message": f"loading the model from {config.model_path}"})
+    options = dict(config.engine)
+    options["gpu_idx"] = tuple(options["gpu_idx"]) if options.get("gpu_idx") else None
+    warmup = options.pop("warmup", False)
+    engine = Engine.load(config.model_path, EngineOptions(**options), config.context_length)
+    if warmup and engine.decoder.config.step in ("compile", "cuda-graph"):
+        announce({"event": "status", "message": f"preparing the decode step ({engine.decoder.config.describe()}; "
+                  "once, before serving)"})
+        engine.warmup()
+    # One tokenization now sets the fast tokenizer's padding state, so that requests
+    # prepared concurrently never mutate it (the Rust tokenizer's "Already borrowed").
+    engine.prepare([{"role": "user", "content": [{"type": "text", "text": "hello"}]}])
+    return engine
+
+
 def _load(state: ServerState, server: Any, entry: registry.Entry, announce: Announce) -> None:
     config = state.config
     try:
-        from qwenvl_cli.engine.engine import Engine
-        from qwenvl_cli.engine.options import EngineOptions
-
-        announce({"event": "status", "message": f"loading the model from {config.model_path}"})
-        options = dict(config.engine)
-        options["gpu_idx"] = tuple(options["gpu_idx"]) if options.get("gpu_idx") else None
-        warmup = options.pop("warmup", False)
-        engine = Engine.load(config.model_path, EngineOptions(**options), config.context_length)
-        if warmup and engine.decoder.config.step in ("compile", "cuda-graph"):
-            announce({"event": "status", "message": f"preparing the decode step ({engine.decoder.config.describe()}; "
-                      "once, before serving)"})
-            engine.warmup()
-        # One tokenization now sets the fast tokenizer's padding state, so that requests
-        # prepared concurrently never mutate it (the Rust tokenizer's "Already borrowed").
-        engine.prepare([{"role": "user", "content": [{"type": "text", "text": "hello"}]}])
+        engine = open_engine(config, announce)
         state.ready(engine)
         registry.update(entry, state=registry.RUNNING, gpu_memory_bytes=_gpu_memory(engine),
                         device=engine.plan.describe())
