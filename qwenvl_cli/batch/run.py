@@ -48,6 +48,7 @@ class BatchCommand:
     engine_options: EngineOptions = EngineOptions()
     fail_fast: bool = False
     quiet: bool = False
+    cluster: str | None = None  # a Ray cluster's address: a pool of engine actors there (batch/cluster.py)
 
 
 class _FailFast(Exception):
@@ -98,6 +99,11 @@ def _target(request: BatchCommand) -> Any:
     from qwenvl_cli.backend import remote
 
     in_process = request.model_path is not None or request.query.given
+    if request.cluster and (request.endpoint or request.model_uid):
+        raise UsageError("--cluster runs the model on the cluster's nodes: --endpoint / --model-uid do not apply",
+                         "drop one of them")
+    if request.cluster:
+        return None
     if in_process and (request.endpoint or request.model_uid):
         raise UsageError("--endpoint / --model-uid send the requests to a server: spec flags and --model-path "
                          "do not apply", "drop them, or drop --endpoint / --model-uid to load the model here")
@@ -131,6 +137,12 @@ def _answer(request: BatchCommand, source: Any, todo: list[Request | BadLine], s
         tally.started = _now()
         batch_remote.run(source, good, size or batch_plan.REMOTE_CONCURRENCY, emit, quiet=request.quiet)
         return
+    if request.cluster:
+        from qwenvl_cli.batch import cluster as batch_cluster
+
+        tally.started = _now()
+        batch_cluster.run(request.cluster, *source, request, good, size or batch_plan.CLUSTER_BATCH, emit)
+        return
     from qwenvl_cli.batch import local as batch_local
 
     engine = _load(request, *source)
@@ -146,8 +158,9 @@ def _check_spec(request: BatchCommand) -> tuple[Any, Any]:
     memory fit) before anything is written or downloaded, as `qvl chat` does."""
     from qwenvl_cli.backend.local import resolve_for_loading
 
-    return resolve_for_loading(request.query, request.engine_options, request.model_path, request.force,
-                               quiet=request.quiet)
+    # With --cluster each actor checks the fit against its own node's GPUs (batch/cluster.py).
+    return resolve_for_loading(request.query, request.engine_options, request.model_path,
+                               request.force or bool(request.cluster), quiet=request.quiet)
 
 
 def _load(request: BatchCommand, spec: Any, options: Any) -> Any:

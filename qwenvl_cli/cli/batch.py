@@ -10,6 +10,7 @@ import typer
 from qwenvl_cli.cli.options import (
     ApiKey,
     Attn,
+    Cluster,
     Device,
     DownloadHub,
     Dtype,
@@ -66,8 +67,13 @@ def batch(
     dtype: Dtype = "auto", attn: Attn = "auto", force: Force = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first request that fails.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress or status on stderr.")] = False,
+    cluster: Cluster = None,
 ) -> None:
     """Answer every conversation of a JSONL file: batched, with progress, resumable."""
+    if cluster:
+        from qwenvl_cli.fit.packages import require_ray
+
+        require_ray()  # before anything else
     from qwenvl_cli.batch.run import BatchCommand, run
     from qwenvl_cli.catalogue.resolve import SpecQuery
     from qwenvl_cli.generation import GenerationParams
@@ -81,7 +87,7 @@ def batch(
                          video_start=video_start, video_end=video_end),
         params=GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty, seed, tuple(stop or ())),
         engine_options=engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn),
-        fail_fast=fail_fast, quiet=quiet)
+        fail_fast=fail_fast, quiet=quiet, cluster=cluster)
     raise typer.Exit(run(command))
 
 
@@ -90,5 +96,6 @@ def register(app: typer.Typer) -> None:
         "qvl batch requests.jsonl -o answers.jsonl --max-tokens 128",
         "qvl batch requests.jsonl -o answers.jsonl -s 7 -f awq --batch-size 16 --max-pixels 401408",
         "qvl batch requests.jsonl -o answers.jsonl --endpoint http://127.0.0.1:8000/v1 --batch-size 16",
+        "qvl batch requests.jsonl -o answers.jsonl -s 7 --cluster 10.0.0.5:6379",
         'input lines: {"id": "a1", "messages": [{"role": "user", "content": [{"type": "image_url", '
         '"image_url": {"url": "cat.jpg"}}, {"type": "text", "text": "Caption it."}]}], "max_tokens": 64}'))(batch)
