@@ -69,7 +69,8 @@ def start(workers: int = 1, cpus: int = 1, env: dict[str, str] | None = None, ti
 
     def spawn(cmd: list[str], name: str) -> None:
         log = open(os.path.join(temp_dir, f"{name}.log"), "wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=for_node(full_env, name),
+                                start_new_session=True)
         state["procs"].append({"name": name, "pid": proc.pid})
 
     try:
@@ -86,12 +87,18 @@ def start(workers: int = 1, cpus: int = 1, env: dict[str, str] | None = None, ti
     return state
 
 
+def for_node(env: dict[str, str], name: str) -> dict[str, str]:
+    """``{node}`` in a value becomes the node's name (head, worker0, ...): per-node folders."""
+    return {k: v.replace("{node}", name) for k, v in env.items()}
+
+
 def add_worker(state: dict, i: int, cpus: int, env: dict[str, str]) -> None:
     cmd = [ray_bin(), "start", "--address", state["address"], "--node-ip-address", f"127.0.0.{3 + i}",
            "--num-cpus", str(cpus), "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE),
            "--disable-usage-stats", "--block", "--temp-dir", state["temp_dir"], "--include-log-monitor", "false"]
     log = open(os.path.join(state["temp_dir"], f"worker{i}.log"), "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=for_node(env, f"worker{i}"),
+                            start_new_session=True)
     state["procs"].append({"name": f"worker{i}", "pid": proc.pid})
 
 

@@ -44,10 +44,13 @@ class Job:
 class EngineActor:
     """One engine on one node; ``__call__`` answers a block of requests."""
 
-    def __init__(self, job: Job) -> None:
+    job: Job  # set on the subclass made for one run (see run: no constructor arguments to keep)
+
+    def __init__(self) -> None:
         from qwenvl_cli.backend.local import LocalRequest, load_engine
         from qwenvl_cli.fit.preflight import check_spec
 
+        job = self.job
         os.environ.update(job.env)
         if job.model_path is None:
             check_spec(job.query, device=job.options.device, force=job.force, quiet=True)
@@ -78,8 +81,11 @@ def run(address: str, spec: Any, options: Any, command: Any, requests: list[Requ
     from qwenvl_cli.serve.cluster import connect, forwarded_env
 
     ray = connect(address)
+    import logging
+
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # qvl's own bar counts the records
     context.print_on_execution_start = False
@@ -90,7 +96,10 @@ def run(address: str, spec: Any, options: Any, command: Any, requests: list[Requ
     actors = min(actors, max(1, -(-len(requests) // size)))
     rows = [{"request": pickle.dumps(request)} for request in requests]
     data = ray.data.from_items(rows, override_num_blocks=min(len(rows), actors * 8))
-    answers = data.map_batches(EngineActor, fn_constructor_args=(job,), batch_size=size, batch_format="numpy",
+    # The job travels inside the class, not as constructor arguments in the object store
+    # (which a restarted actor could find gone).
+    actor = type("EngineActor", (EngineActor,), {"job": job})
+    answers = data.map_batches(actor, batch_size=size, batch_format="numpy",
                                compute=ray.data.ActorPoolStrategy(size=actors),
                                runtime_env={"env_vars": job.env}, **resources)
     for row in answers.iter_rows():

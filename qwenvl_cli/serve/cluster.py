@@ -120,7 +120,6 @@ def connect(address: str) -> Any:
     if not ray.is_initialized():
         import logging
 
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the driver's C++ core worker
         ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
         for name in ("ray", "ray.serve", "ray.data"):  # qvl reports progress and errors itself
             logging.getLogger(name).setLevel(logging.ERROR)
