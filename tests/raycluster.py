@@ -54,11 +54,12 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def start(workers: int = 1, cpus: int = 1, env: dict[str, str] | None = None, timeout: float = 90) -> dict:
+def start(workers: int = 1, cpus: int = 1, env: dict[str, str] | None = None, timeout: float = 90,
+          head_cpus: int | None = None) -> dict:
     t0 = time.perf_counter()
     temp_dir = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # short: unix socket paths < 108 chars
     port = free_port()
-    common = ["--num-cpus", str(cpus), "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE),
+    common = ["--num-cpus", str(cpus if head_cpus is None else head_cpus), "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE),
               "--disable-usage-stats", "--block", "--temp-dir", temp_dir, "--include-log-monitor", "false"]
     state = {"address": f"{HEAD_IP}:{port}", "procs": [], "temp_dir": temp_dir,
              "serve_port": free_port()}
@@ -80,6 +81,7 @@ def start(workers: int = 1, cpus: int = 1, env: dict[str, str] | None = None, ti
         for i in range(workers):
             add_worker(state, i, cpus, full_env)
         wait_nodes(state, 1 + workers, timeout)
+        state["full_env"] = full_env
     except BaseException:
         stop(state)
         raise
