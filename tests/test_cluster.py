@@ -10,6 +10,7 @@ its own cache. The first test needs neither Ray nor the namespace.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -55,9 +56,10 @@ def test_cluster_without_ray_is_one_line_naming_the_install(args, tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
-ray = pytest.importorskip("ray", reason="the cluster tests need qvl[ray] (.ci/ray installs it)")
-pytestmark = pytest.mark.skipif(not raycluster.isolated(), reason="Ray binds 0.0.0.0: run in a loopback-only "
-                                "network namespace (bash .ci/ray VENV runs them under unshare --net)")
+needs_cluster = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None or not raycluster.isolated(),
+    reason="needs qvl[ray] and a loopback-only network namespace, as Ray binds 0.0.0.0 "
+           "(bash .ci/ray VENV installs Ray and runs these under unshare --net)")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +120,7 @@ def _listed(uid: str) -> dict:
     return next(e for e in json.loads(result.stdout) if e["uid"] == uid)
 
 
+@needs_cluster
 def test_launch_on_the_cluster_serves_two_replicas_survives_a_dead_one_and_terminates(on_cluster):
     import httpx
     from openai import OpenAI
@@ -204,6 +207,7 @@ def _requests(path: Path, n: int) -> None:
                                 "max_tokens": 4}) + "\n")
 
 
+@needs_cluster
 def test_batch_on_the_cluster_matches_local_and_resumes_after_a_kill(on_cluster, tmp_path):
     source = tmp_path / "in.jsonl"
     _requests(source, 200)

@@ -86,12 +86,12 @@ def launch(
     if cluster:
         from qwenvl_cli.serve import cluster as ray_cluster
 
-        plan = ray_cluster.plan(
-            cluster, query, model_path, asdict(engine), uid=model_uid, replicas=replicas, autoscale=autoscale,
-            cache_dir=cache_dir, revision=revision, offline=offline, force=force, host=host, port=port,
-            context_length=context_length, max_pixels=max_pixels, allow_local_media=allow_local_media,
-            allow_remote_media=allow_remote_media, max_queue=max_queue, max_batch=max_batch,
-            max_body_bytes=max_body_mb * 2**20)
+        config, spec = launcher.cluster_config(
+            query, model_path, asdict(engine), model_uid, host, port, context_length=context_length,
+            max_pixels=max_pixels, allow_local_media=allow_local_media, allow_remote_media=allow_remote_media,
+            max_queue=max_queue, max_batch=max_batch, max_body_bytes=max_body_mb * 2**20)
+        plan = ray_cluster.plan(cluster, config, spec, query, replicas=replicas, autoscale=autoscale,
+                                cache_dir=cache_dir, revision=revision, offline=offline, force=force)
         entry = ray_cluster.launch(plan, key, quiet)
         return render.print_json(entry.to_dict()) if json_output else _show_launched(entry)
     launcher.check_port_free(host, port)

@@ -65,31 +65,16 @@ def parse_autoscale(value: str | None) -> tuple[int, int] | None:
     raise UsageError(f"--autoscale {value!r}: expected MIN:MAX with 1 <= MIN <= MAX", "e.g. --autoscale 1:4")
 
 
-def plan(address: str, query: Any, model_path: str | None, engine: dict[str, Any], *, uid: str | None,
-         replicas: int = 1, autoscale: str | None = None, cache_dir: str | None = None,
-         revision: str | None = None, offline: bool = False, force: bool = False, host: str = "127.0.0.1",
-         port: int | None = None, **server_options: Any) -> Deployment:
-    """The command line -> a Deployment. The spec is resolved here; the fit check and the
-    download happen on each replica's node, against its GPUs and into its cache."""
-    from pathlib import Path
-
-    from qwenvl_cli.fit.preflight import check_spec
-    from qwenvl_cli.serve import launcher
-
+def plan(address: str, config: ServerConfig, spec: Any, query: Any, *, replicas: int = 1,
+         autoscale: str | None = None, cache_dir: str | None = None, revision: str | None = None,
+         offline: bool = False, force: bool = False) -> Deployment:
+    """The command line -> a Deployment (``config`` from launcher.cluster_config). The fit
+    check and the download happen on each replica's node, against its GPUs, into its cache."""
     bounds = parse_autoscale(autoscale)
-    if model_path is not None and cache_dir is not None:
+    if config.model_path and cache_dir is not None:
         raise UsageError("--cache-dir is where replicas download: it does not apply with --model-path",
                          "drop one of them")
-    result = check_spec(query, device=engine.get("device", "auto"), model_path=model_path, force=True,
-                        need_backend=False, quiet=True)
-    spec = result.spec if result is not None else None
-    folder = Path(model_path).expanduser().resolve() if model_path else Path(".")
-    uid = registry.check_uid(uid or (spec.uid if spec is not None else launcher.folder_uid(folder)))
-    aliases = tuple(dict.fromkeys(s.model_id for s in spec.sources)) if spec is not None else (folder.name,)
-    fmt = spec.model_format if spec is not None else launcher.model_format_of(folder)
-    choice = launcher.ModelChoice(folder, spec, uid, aliases, fmt)
-    config = launcher.server_config(choice, engine, host, port or 8000, **server_options)
-    config = replace(config, model_path=str(folder) if model_path else "", log_file=None)
+    engine = config.engine
     gpus = float(engine.get("n_gpu") or 0) if engine.get("device") != "cpu" else 0.0
     return Deployment(address, config, spec, query, 1 if bounds else replicas, bounds, cache_dir,
                       revision, offline, force, gpus)
@@ -297,11 +282,7 @@ def launch(plan: Deployment, api_key: str | None, quiet: bool = False,
     record it in the registry; a failed deploy is deleted again, leaving nothing behind."""
     from qwenvl_cli import render
 
-    config = plan.config
-    existing = registry.get(config.uid)
-    if existing is not None:
-        raise ServerError(f"a model with UID {config.uid!r} is already {existing.state} ({existing.endpoint})",
-                          f"use it, stop it with `qvl terminate {config.uid}`, or pass --model-uid OTHER")
+    config = plan.config  # its UID checked free by launcher.cluster_config
     ray = connect(plan.address)
     from ray import serve
 

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,24 @@ def choose_model(query: SpecQuery, model_path: str | Path | None, workload: Any,
     aliases = tuple(dict.fromkeys(s.model_id for s in spec.sources))
     gpus = tuple(g.index for g in result.placement.gpus) if result.placement else None
     return ModelChoice(local.path, spec, uid, aliases, spec.model_format, gpus)
+
+
+def cluster_config(query: SpecQuery, model_path: str | None, engine: dict[str, Any], uid: str | None,
+                   host: str, port: int | None, **server_options: Any) -> tuple[ServerConfig, Any]:
+    """`launch --cluster`: the ServerConfig and the spec, resolved here without a fit check or a
+    download (each replica checks its node's GPUs and downloads there: serve/cluster.py).
+    ``model_path`` stays "" unless --model-path names a folder every node has."""
+    from qwenvl_cli.fit.preflight import check_spec
+
+    result = check_spec(query, device=engine.get("device", "auto"), model_path=model_path, force=True,
+                        need_backend=False, quiet=True)
+    spec = result.spec if result is not None else None
+    folder = Path(model_path).expanduser().resolve() if model_path else Path(".")
+    uid = _free_uid(uid or (spec.uid if spec is not None else folder_uid(folder)))
+    aliases = tuple(dict.fromkeys(s.model_id for s in spec.sources)) if spec is not None else (folder.name,)
+    fmt = spec.model_format if spec is not None else model_format_of(folder)
+    config = server_config(ModelChoice(folder, spec, uid, aliases, fmt), engine, host, port or 8000, **server_options)
+    return replace(config, model_path=str(folder) if model_path else "", log_file=None), spec
 
 
 def _free_uid(uid: str) -> str:
