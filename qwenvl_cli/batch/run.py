@@ -49,6 +49,7 @@ class BatchCommand:
     fail_fast: bool = False
     quiet: bool = False
     cluster: str | None = None  # a Ray cluster's address: a pool of engine actors there (batch/cluster.py)
+    prompt: str | None = None  # for a folder of images or a Parquet file (batch/captions.py)
 
 
 class _FailFast(Exception):
@@ -61,7 +62,7 @@ def run(request: BatchCommand) -> int:
     size = batch_plan.parse_batch_size(request.batch_size)
     target = _target(request)
     image_opts, video_opts = media_options(request.media_flags)
-    items = batch_io.read_input(request.input, params, image_opts, video_opts)
+    items = batch_io.read_input(request.input, params, image_opts, video_opts, request.prompt)
     if not items:
         raise UsageError(f"{request.input} holds no requests",
                          'write one JSON object per line: {"id": 1, "messages": [...]}')

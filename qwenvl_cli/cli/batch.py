@@ -10,6 +10,7 @@ import typer
 from qwenvl_cli.cli.options import (
     ApiKey,
     Attn,
+    CaptionPrompt,
     Cluster,
     Device,
     DownloadHub,
@@ -48,7 +49,8 @@ from qwenvl_cli.cli.options import (
 
 def batch(
     input_file: Annotated[Path, typer.Argument(metavar="INPUT.jsonl", help="One request per line: "
-                                               '{"id": ..., "messages": [...]} (see docs/batch.md).', show_default=False)],
+                                               '{"id": ..., "messages": [...]} (see docs/batch.md); or a folder of '
+                                               "images / a Parquet file, with --prompt.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTPUT.jsonl", help="Answers, one JSON line per "
                                          "request, appended as they finish; rerunning skips ids answered here.",
                                          show_default=False)],
@@ -67,7 +69,7 @@ def batch(
     dtype: Dtype = "auto", attn: Attn = "auto", force: Force = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first request that fails.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress or status on stderr.")] = False,
-    cluster: Cluster = None,
+    cluster: Cluster = None, prompt: CaptionPrompt = None,
 ) -> None:
     """Answer every conversation of a JSONL file: batched, with progress, resumable."""
     if cluster:
@@ -87,7 +89,7 @@ def batch(
                          video_start=video_start, video_end=video_end),
         params=GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty, seed, tuple(stop or ())),
         engine_options=engine_options(device, gpu_idx, n_gpu, max_memory, dtype, attn),
-        fail_fast=fail_fast, quiet=quiet, cluster=cluster)
+        fail_fast=fail_fast, quiet=quiet, cluster=cluster, prompt=prompt)
     raise typer.Exit(run(command))
 
 
@@ -97,5 +99,6 @@ def register(app: typer.Typer) -> None:
         "qvl batch requests.jsonl -o answers.jsonl -s 7 -f awq --batch-size 16 --max-pixels 401408",
         "qvl batch requests.jsonl -o answers.jsonl --endpoint http://127.0.0.1:8000/v1 --batch-size 16",
         "qvl batch requests.jsonl -o answers.jsonl -s 7 --cluster 10.0.0.5:6379",
+        'qvl batch photos/ -o captions.jsonl --prompt "Describe this picture." --max-tokens 64',
         'input lines: {"id": "a1", "messages": [{"role": "user", "content": [{"type": "image_url", '
         '"image_url": {"url": "cat.jpg"}}, {"type": "text", "text": "Caption it."}]}], "max_tokens": 64}'))(batch)

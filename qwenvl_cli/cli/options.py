@@ -221,6 +221,10 @@ CacheDir = Annotated[Optional[str], typer.Option(
     "nodes: one download for all) instead of its node's hub cache.", rich_help_panel=CLUSTER_PANEL,
     show_default=False)]
 
+CaptionPrompt = Annotated[Optional[str], typer.Option(
+    "--prompt", metavar="TEXT", help="With a folder of images or a Parquet file (an 'image' column) as the "
+    "input: what to ask of each image (a captioning job).", show_default=False)]
+
 
 def examples(*lines: str) -> str:
     """The epilog of a command's --help: one example per line."""
