@@ -85,15 +85,16 @@ def main() -> None:
                                                       ["--cluster", state["address"]])
     finally:
         raycluster.stop(state)
-    same = [json.loads(line)["text"] for line in (work / "local.jsonl").read_text().splitlines()]
-    for name in ("c1", "c2"):
-        theirs = {json.loads(line)["id"]: json.loads(line)["text"] for line in (work / f"{name}.jsonl").open()}
-        assert [theirs[i] for i in range(args.requests)] == same, f"{name}: answers differ from the local run"
     print("| run | requests/s | seconds | first record (s) | steady requests/s |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['req_per_s']} | {r['seconds']} | {r['first_record_s']} | {r['steady_req_per_s']} |")
-    print("answers: identical to the local run in both cluster runs")
+
+    def texts(name: str) -> dict:
+        return {json.loads(line)["id"]: json.loads(line)["text"] for line in (work / f"{name}.jsonl").open()}
+
+    same = [name for name in ("c1", "c2") if texts(name) == texts("local")]
+    print(f"answers identical to the local run's: {', '.join(same) or 'none'} (of c1, c2)")
 
 
 if __name__ == "__main__":
