@@ -238,3 +238,9 @@ def test_batch_on_the_cluster_matches_local_and_resumes_after_a_kill(on_cluster,
     answered = {r["id"]: r for r in records if r["error"] is None}
     assert len(answered) == 200
     assert all(answered[k]["text"] == theirs[k]["text"] for k in answered)  # the same greedy answers
+
+
+def test_cluster_flags_without_cluster_are_refused(tmp_path):
+    result = run_qvl("launch", "-s", "2", "--replicas", "2", cwd=tmp_path)
+    assert result.returncode == 2 and "--cluster" in result.stderr.splitlines()[0]
+    assert json.loads(run_qvl("list", "--json").stdout) == []

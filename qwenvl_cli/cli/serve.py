@@ -69,14 +69,11 @@ def launch(
     """Start a model as an OpenAI-compatible server in the background and print its endpoint."""
     from dataclasses import asdict
 
-    if cluster:
-        from qwenvl_cli.fit.packages import require_ray
+    from qwenvl_cli.serve import launcher
 
-        require_ray()  # before anything else
-
+    launcher.check_cluster_flags(cluster, replicas, autoscale, cache_dir)  # before anything else
     from qwenvl_cli.catalogue.resolve import SpecQuery
     from qwenvl_cli.fit import memory
-    from qwenvl_cli.serve import launcher
 
     key = launcher.default_api_key(api_key)
     launcher.warn_exposed(host, key)

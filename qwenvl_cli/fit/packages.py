@@ -35,12 +35,19 @@ RAY_MODULES = ("ray", "pyarrow", "aiohttp")
 def require_ray() -> None:
     """Stop with one line naming the install command when Ray (Serve and Data) is missing:
     the first check of every ``--cluster`` command, before anything is resolved or read."""
-    missing = [name for name in RAY_MODULES if importlib.util.find_spec(name) is None]
+    missing = [name for name in RAY_MODULES if not _installed(name)]
     if missing:
         raise MissingDependency(f"--cluster runs on Ray, and {missing[0]} is not installed: "
                                 f'pip install "qvl[ray]"',
                                 "install it on this machine and on every node of the cluster "
                                 "(the same versions of Ray and qvl everywhere; see docs/cluster.md)")
+
+
+def _installed(name: str) -> bool:
+    """A real package, not a namespace package made of a folder that happens to have its name
+    (Ray's own temporary folder /tmp/ray, when qvl runs in /tmp)."""
+    spec = importlib.util.find_spec(name)
+    return spec is not None and spec.origin is not None
 
 
 def install_command(model_format: str) -> str:

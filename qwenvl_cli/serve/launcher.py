@@ -95,6 +95,19 @@ def choose_model(query: SpecQuery, model_path: str | Path | None, workload: Any,
     return ModelChoice(local.path, spec, uid, aliases, spec.model_format, gpus)
 
 
+def check_cluster_flags(cluster: str | None, replicas: int, autoscale: str | None, cache_dir: str | None) -> None:
+    """With --cluster, Ray must be installed (the first check); without it, the cluster flags
+    do not apply."""
+    from qwenvl_cli.errors import UsageError
+    from qwenvl_cli.fit.packages import require_ray
+
+    if cluster:
+        require_ray()
+    elif replicas != 1 or autoscale or cache_dir:
+        raise UsageError("--replicas, --autoscale and --cache-dir are for a Ray cluster",
+                         "add --cluster HOST:PORT (see docs/cluster.md), or drop them")
+
+
 def cluster_config(query: SpecQuery, model_path: str | None, engine: dict[str, Any], uid: str | None,
                    host: str, port: int | None, **server_options: Any) -> tuple[ServerConfig, Any]:
     """`launch --cluster`: the ServerConfig and the spec, resolved here without a fit check or a
