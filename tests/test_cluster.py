@@ -205,6 +205,8 @@ def _requests(path: Path, n: int) -> None:
         for i in range(n):
             f.write(json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": f"count {i} {'x' * (i % 7)}"}],
                                 "max_tokens": 4}) + "\n")
+        if i == 100:
+            f.write("{not json\n")  # a bad line: an error record, and the run goes on
 
 
 @needs_cluster
@@ -213,7 +215,7 @@ def test_batch_on_the_cluster_matches_local_and_resumes_after_a_kill(on_cluster,
     _requests(source, 200)
     common = ["-s", "2", "--device", "cpu", "--temperature", "0", "--batch-size", "4"]
     local = run_qvl("batch", str(source), "-o", str(tmp_path / "local.jsonl"), *common, "--quiet", timeout=600)
-    assert local.returncode == 0, local.stderr[-2000:]
+    assert local.returncode == 1, local.stderr[-2000:]  # 1: the bad line's error record
 
     out = tmp_path / "cluster.jsonl"
     args = [sys.executable, "-m", "qwenvl_cli", "batch", str(source), "-o", str(out), *common,
@@ -226,14 +228,16 @@ def test_batch_on_the_cluster_matches_local_and_resumes_after_a_kill(on_cluster,
     first.kill()  # part-way: the driver dies, Ray ends its actors
     first.wait(30)
     done_first = len(out.read_text().splitlines())
-    assert 40 <= done_first < 200
+    assert 40 <= done_first < 201
 
     second = subprocess.run(args, env=qvl_env(), capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.returncode == 1, second.stderr[-2000:]
     assert "Traceback" not in second.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     ids = [r["id"] for r in records]
-    assert len(ids) == len(set(ids)) == 200  # every id exactly once
+    assert len(ids) == len(set(ids)) == 201  # every id exactly once, the bad line's included
+    (bad,) = [r for r in records if r["error"] is not None]
+    assert "not valid JSON" in bad["error"] and bad["id"] == 102  # its line number
     theirs = {r["id"]: r for r in map(json.loads, (tmp_path / "local.jsonl").read_text().splitlines())}
     answered = {r["id"]: r for r in records if r["error"] is None}
     assert len(answered) == 200
@@ -242,5 +246,19 @@ def test_batch_on_the_cluster_matches_local_and_resumes_after_a_kill(on_cluster,
 
 def test_cluster_flags_without_cluster_are_refused(tmp_path):
     result = run_qvl("launch", "-s", "2", "--replicas", "2", cwd=tmp_path)
-    assert result.returncode == 2 and "--cluster" in result.stderr.splitlines()[0]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Ray cluster" in lines[0] and "--cluster" in lines[1], result.stderr
     assert json.loads(run_qvl("list", "--json").stdout) == []
+
+
+@needs_cluster
+def test_a_launch_whose_replicas_cannot_load_fails_in_one_line_and_leaves_nothing(on_cluster, tmp_path):
+    result = run_qvl("launch", "--cluster", on_cluster["address"], "--model-path", str(tmp_path / "nowhere"),
+                     "--device", "cpu", "--host", "127.0.0.2", "--port", str(on_cluster["serve_port"]),
+                     "--model-uid", "broken", timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    first = result.stderr.strip().splitlines()[0]
+    assert first.startswith("error: the replicas failed to start: ") and "nowhere" in first, result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads(run_qvl("list", "--json").stdout) == []
+    assert _alive_actors(on_cluster["address"]) == []

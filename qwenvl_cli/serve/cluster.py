@@ -128,6 +128,10 @@ class EngineReplica:
         config = plan.config
         if not config.model_path:
             config = replace(config, model_path=str(_fetch(plan)))
+        else:  # --model-path: a folder every node has; check this node's copy is complete
+            from qwenvl_cli.hub.download import local_model_from_path
+
+            local_model_from_path(config.model_path)
         self.tag = f"{socket.gethostname()}:{os.getpid()}"
         try:
             import ray
@@ -345,7 +349,13 @@ def _wait_running(serve: Any, uid: str, timeout: float) -> None:
 
 def _reason(message: str) -> str:
     """The useful line of a replica's failure (its QvlError's message, not Ray's traceback)."""
+    import re
+
     lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        found = re.search(r"qwenvl_cli\.[\w.]+\.\w+: (.+)", line)
+        if found:
+            return found.group(1)[:300]
     for line in reversed(lines):
         if "Error:" in line and not line.startswith("File "):
             return line.split("Error: ", 1)[-1][:300]
