@@ -103,12 +103,17 @@ def connect(address: str) -> Any:
         raise ServerError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}",
                           "start one with `ray start --head` (see docs/cluster.md), or check the address") from None
     if not ray.is_initialized():
-        import logging
-
         ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
-        for name in ("ray", "ray.serve", "ray.data"):  # qvl reports progress and errors itself
-            logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_ray()
     return ray
+
+
+def quiet_ray() -> None:
+    """qvl reports progress and errors itself: Ray's driver-side loggers to errors only."""
+    import logging
+
+    for name in ("ray", "ray.serve", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def cluster_gpus(ray: Any) -> float:
@@ -292,7 +297,9 @@ def launch(plan: Deployment, api_key: str | None, quiet: bool = False,
 
     on_cpu = plan.config.engine.get("device") == "cpu"
     plan = replace(plan, gpus=plan.gpus if plan.gpus or on_cpu or not cluster_gpus(ray) else 1)
+    quiet_ray()
     serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": config.port or 8000})
+    quiet_ray()  # Serve sets its driver logger up when it starts
     serve._run(_application(plan, api_key), _blocking=False, name=config.uid, route_prefix=f"/{config.uid}")
     count = f"{plan.autoscale[0]}..{plan.autoscale[1]}" if plan.autoscale else str(plan.replicas)
     if not quiet:
@@ -339,7 +346,8 @@ def _wait_running(serve: Any, uid: str, timeout: float) -> None:
         if status == "RUNNING":
             return
         if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise ServerError(f"the replicas failed to start: {_reason(app.message)}",
+            details = [d.message for d in (app.deployments or {}).values() if getattr(d, "message", "")]
+            raise ServerError(f"the replicas failed to start: {_reason(chr(10).join([app.message, *details]))}",
                               "see the replica logs under the head node's /tmp/ray/session_latest/logs/serve/")
         if time.monotonic() > deadline:
             raise ServerError(f"{uid} was not running on the cluster within {timeout:g} s",
