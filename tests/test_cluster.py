@@ -106,9 +106,11 @@ def _image_uri() -> str:
 
 
 def _alive_actors(address: str) -> list[str]:
+    """Ray Serve's live actors (controller, proxies, replicas) on the cluster."""
     code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
             "from ray._private import state;"
-            "print([a.get('Name') for a in state.actors().values() if a.get('State') == 'ALIVE'])")
+            "print([a.get('Name') for a in state.actors().values() if a.get('State') == 'ALIVE' "
+            "and (a.get('Name') or '').startswith('SERVE')])")
     out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
                          env=qvl_env(), timeout=90)
     return eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own print of a list of names
