@@ -21,7 +21,8 @@ from test_layers import PACKAGE, imports_of, modules
 # Modules whose third-party imports come from an extra rather than the main dependencies
 # ("qwenvl_cli/engine/x.py": "quant"). The quantized backends need none: they are found with
 # importlib.util.find_spec (fit/packages.py) and imported by transformers, not by qvl.
-EXTRA_OF: dict[str, str] = {"qwenvl_cli/engine/vllm.py": "vllm"}
+EXTRA_OF: dict[str, str] = {"qwenvl_cli/engine/vllm.py": "vllm", "qwenvl_cli/serve/cluster.py": "ray",
+                             "qwenvl_cli/batch/cluster.py": "ray", "qwenvl_cli/batch/captions.py": "ray"}
 
 
 def normalise(name: str) -> str:

@@ -21,7 +21,7 @@ ONLY = {  # third-party top-level packages that one wing alone may import
     "typer": {"cli"}, "click": {"cli"},
     "torch": {"engine"}, "torchvision": {"engine"}, "transformers": {"engine"}, "accelerate": {"engine"},
     "gptqmodel": {"engine"}, "optimum": {"engine"}, "qwen_vl_utils": {"engine"},
-    "vllm": {"engine"}, "ray": {"engine"},
+    "vllm": {"engine"}, "ray": {"engine", "serve", "batch"},
     "xgrammar": {"engine"}, "prometheus_client": {"serve"},
 }
 

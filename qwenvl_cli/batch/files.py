@@ -88,8 +88,20 @@ def id_key(value: Any) -> str:
 
 
 def read_input(path: Path, defaults: GenerationParams, image_opts: dict[str, Any] | None = None,
-               video_opts: dict[str, Any] | None = None) -> list[Request | BadLine]:
-    """Every non-blank line of ``path`` as a Request or a BadLine; DuplicateIds before anything runs."""
+               video_opts: dict[str, Any] | None = None, prompt: str | None = None) -> list[Request | BadLine]:
+    """Every non-blank line of ``path`` as a Request or a BadLine; DuplicateIds before anything runs.
+    A folder of images or a Parquet file is read as one request per image with ``prompt``
+    (batch/captions.py)."""
+    from qwenvl_cli.batch import captions
+
+    if captions.is_caption_input(path):
+        texts = captions.lines(path, prompt)
+        items = [parse_line(text, number, defaults, image_opts, video_opts) for number, text in enumerate(texts, 1)]
+        check_unique(items)
+        return items
+    if prompt:
+        raise UsageError("--prompt is for a folder of images or a Parquet file",
+                         "a JSONL file's lines carry their own messages: drop --prompt")
     try:
         handle = path.open(encoding="utf-8", errors="replace")
     except OSError as exc:

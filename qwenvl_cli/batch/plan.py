@@ -25,6 +25,7 @@ CPU_BATCH = 4  # on CPU larger batches gain little: the matrix products already 
 MAX_AUTO_BATCH = 64  # past this, generate's per-step overhead is amortised; latency only grows
 MEMORY_SHARE = 0.8  # of the free memory after loading: room for fragmentation and spikes
 REMOTE_CONCURRENCY = 8  # requests in flight to a server when --batch-size is auto
+CLUSTER_BATCH = 4  # requests an engine actor decodes together with --cluster when --batch-size is auto
 
 
 def parse_batch_size(value: str | None) -> int | None:

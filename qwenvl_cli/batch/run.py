@@ -48,6 +48,8 @@ class BatchCommand:
     engine_options: EngineOptions = EngineOptions()
     fail_fast: bool = False
     quiet: bool = False
+    cluster: str | None = None  # a Ray cluster's address: a pool of engine actors there (batch/cluster.py)
+    prompt: str | None = None  # for a folder of images or a Parquet file (batch/captions.py)
 
 
 class _FailFast(Exception):
@@ -61,7 +63,7 @@ def run(request: BatchCommand) -> int:
     batch_io.check_output(request.output, request.input)  # exit 2 before any model loads
     target = _target(request)
     image_opts, video_opts = media_options(request.media_flags)
-    items = batch_io.read_input(request.input, params, image_opts, video_opts)
+    items = batch_io.read_input(request.input, params, image_opts, video_opts, request.prompt)
     if not items:
         raise UsageError(f"{request.input} holds no requests",
                          'write one JSON object per line: {"id": 1, "messages": [...]}')
@@ -99,6 +101,11 @@ def _target(request: BatchCommand) -> Any:
     from qwenvl_cli.backend import remote
 
     in_process = request.model_path is not None or request.query.given
+    if request.cluster and (request.endpoint or request.model_uid):
+        raise UsageError("--cluster runs the model on the cluster's nodes: --endpoint / --model-uid do not apply",
+                         "drop one of them")
+    if request.cluster:
+        return None
     if in_process and (request.endpoint or request.model_uid):
         raise UsageError("--endpoint / --model-uid send the requests to a server: spec flags and --model-path "
                          "do not apply", "drop them, or drop --endpoint / --model-uid to load the model here")
@@ -134,6 +141,12 @@ def _answer(request: BatchCommand, source: Any, todo: list[Request | BadLine], s
 
         tally.started, tally.timed = _now(), True
         batch_remote.run(source, good, size or batch_plan.REMOTE_CONCURRENCY, emit, quiet=request.quiet)
+        return
+    if request.cluster:
+        from qwenvl_cli.batch import cluster as batch_cluster
+
+        tally.started = _now()
+        batch_cluster.run(request.cluster, *source, request, good, size or batch_plan.CLUSTER_BATCH, emit)
         return
     from qwenvl_cli.batch import local as batch_local
 
@@ -173,8 +186,9 @@ def _check_spec(request: BatchCommand) -> tuple[Any, Any]:
     memory fit) before anything is written or downloaded, as `qvl chat` does."""
     from qwenvl_cli.backend.local import resolve_for_loading
 
-    return resolve_for_loading(request.query, request.engine_options, request.model_path, request.force,
-                               quiet=request.quiet)
+    # With --cluster each actor checks the fit against its own node's GPUs (batch/cluster.py).
+    return resolve_for_loading(request.query, request.engine_options, request.model_path,
+                               request.force or bool(request.cluster), quiet=request.quiet)
 
 
 def _load(request: BatchCommand, spec: Any, options: Any) -> Any:

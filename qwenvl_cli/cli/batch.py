@@ -10,6 +10,8 @@ import typer
 from qwenvl_cli.cli.options import (
     ApiKey,
     Attn,
+    CaptionPrompt,
+    Cluster,
     Device,
     DownloadHub,
     Dtype,
@@ -52,7 +54,8 @@ from qwenvl_cli.cli.options import (
 
 def batch(
     input_file: Annotated[Path, typer.Argument(metavar="INPUT.jsonl", help="One request per line: "
-                                               '{"id": ..., "messages": [...]} (see docs/batch.md).', show_default=False)],
+                                               '{"id": ..., "messages": [...]} (see docs/batch.md); or a folder of '
+                                               "images / a Parquet file, with --prompt.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTPUT.jsonl", help="Answers, one JSON line per "
                                          "request, appended as they finish; rerunning skips ids answered here.",
                                          show_default=False)],
@@ -73,8 +76,13 @@ def batch(
     max_model_len: MaxModelLen = None, enforce_eager: EnforceEager = False, ray_address: RayAddress = None,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first request that fails.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress or status on stderr.")] = False,
+    cluster: Cluster = None, prompt: CaptionPrompt = None,
 ) -> None:
     """Answer every conversation of a JSONL file: batched, with progress, resumable."""
+    if cluster:
+        from qwenvl_cli.fit.packages import require_ray
+
+        require_ray()  # before anything else
     from qwenvl_cli.batch.run import BatchCommand, run
     from qwenvl_cli.catalogue.resolve import SpecQuery
     from qwenvl_cli.generation import GenerationParams
@@ -91,7 +99,7 @@ def batch(
                                       model_format=model_format, pipeline_parallel=pipeline_parallel,
                                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                                       enforce_eager=enforce_eager, ray_address=ray_address),
-        fail_fast=fail_fast, quiet=quiet)
+        fail_fast=fail_fast, quiet=quiet, cluster=cluster, prompt=prompt)
     raise typer.Exit(run(command))
 
 
@@ -100,5 +108,7 @@ def register(app: typer.Typer) -> None:
         "qvl batch requests.jsonl -o answers.jsonl --max-tokens 128",
         "qvl batch requests.jsonl -o answers.jsonl -s 7 -f awq --batch-size 16 --max-pixels 401408",
         "qvl batch requests.jsonl -o answers.jsonl --endpoint http://127.0.0.1:8000/v1 --batch-size 16",
+        "qvl batch requests.jsonl -o answers.jsonl -s 7 --cluster 10.0.0.5:6379",
+        'qvl batch photos/ -o captions.jsonl --prompt "Describe this picture." --max-tokens 64',
         'input lines: {"id": "a1", "messages": [{"role": "user", "content": [{"type": "image_url", '
         '"image_url": {"url": "cat.jpg"}}, {"type": "text", "text": "Caption it."}]}], "max_tokens": 64}'))(batch)

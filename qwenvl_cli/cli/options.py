@@ -243,6 +243,30 @@ AllowedOrigins = Annotated[Optional[list[str]], typer.Option(
     rich_help_panel=SERVER_PANEL)]
 
 
+# --- a Ray cluster (launch, batch; docs/cluster.md) ----------------------------------------
+
+CLUSTER_PANEL = "Ray cluster"
+
+Cluster = Annotated[Optional[str], typer.Option(
+    "--cluster", metavar="HOST:PORT", help="Run on this Ray cluster: the head's address, as `ray start --head` "
+    "printed it. Needs qvl[ray] here and on every node (docs/cluster.md).", rich_help_panel=CLUSTER_PANEL,
+    show_default=False)]
+Replicas = Annotated[int, typer.Option(
+    "--replicas", min=1, help="With --cluster: engine replicas behind the one endpoint (each takes the GPUs "
+    "the spec needs on one node; Ray replaces one that dies).", rich_help_panel=CLUSTER_PANEL)]
+Autoscale = Annotated[Optional[str], typer.Option(
+    "--autoscale", metavar="MIN:MAX", help="With --cluster: let Ray Serve keep between MIN and MAX replicas "
+    "by load (instead of --replicas).", rich_help_panel=CLUSTER_PANEL, show_default=False)]
+CacheDir = Annotated[Optional[str], typer.Option(
+    "--cache-dir", metavar="DIR", help="With --cluster: each replica downloads into DIR (a path shared by the "
+    "nodes: one download for all) instead of its node's hub cache.", rich_help_panel=CLUSTER_PANEL,
+    show_default=False)]
+
+CaptionPrompt = Annotated[Optional[str], typer.Option(
+    "--prompt", metavar="TEXT", help="With a folder of images or a Parquet file (an 'image' column) as the "
+    "input: what to ask of each image (a captioning job).", show_default=False)]
+
+
 def examples(*lines: str) -> str:
     """The epilog of a command's --help: one example per line."""
     return "[bold]Examples[/bold]\n\n" + "\n".join(f"  {line}" for line in lines)

@@ -14,6 +14,9 @@ from qwenvl_cli.cli.options import (
     AllowRemoteMedia,
     ApiKey,
     Attn,
+    Autoscale,
+    CacheDir,
+    Cluster,
     Compile,
     ContextLength,
     DecodeLoop,
@@ -46,6 +49,7 @@ from qwenvl_cli.cli.options import (
     Quantization,
     Quiet,
     RayAddress,
+    Replicas,
     Revision,
     ShutdownGrace,
     SizeInBillions,
@@ -72,13 +76,16 @@ def launch(
     shutdown_grace: ShutdownGrace = 5.0, max_queue: MaxQueue = 32, max_batch: MaxBatch = 8,
     max_body_mb: MaxBodyMb = 64, allowed_origins: AllowedOrigins = None, quiet: Quiet = False,
     json_output: JsonOutput = False,
+    cluster: Cluster = None, replicas: Replicas = 1, autoscale: Autoscale = None, cache_dir: CacheDir = None,
 ) -> None:
     """Start a model as an OpenAI-compatible server in the background and print its endpoint."""
     from dataclasses import asdict
 
+    from qwenvl_cli.serve import launcher
+
+    launcher.check_cluster_flags(cluster, replicas, autoscale, cache_dir)  # before anything else
     from qwenvl_cli.catalogue.resolve import SpecQuery
     from qwenvl_cli.fit import memory
-    from qwenvl_cli.serve import launcher
     from qwenvl_cli.serve.middleware import parse_origins
 
     origins = parse_origins(allowed_origins or [])
@@ -89,20 +96,33 @@ def launch(
                             model_engine=model_engine, model_format=model_format, pipeline_parallel=pipeline_parallel,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                             enforce_eager=enforce_eager, ray_address=ray_address)
-    launcher.check_port_free(host, port)
     query = SpecQuery(model_name, model_engine, size_in_billions, model_format, quantization, download_hub)
+    serving = dict(context_length=context_length, max_pixels=max_pixels, allow_local_media=allow_local_media,
+                   allow_remote_media=allow_remote_media, max_queue=max_queue, max_batch=max_batch,
+                   max_body_bytes=max_body_mb * 2**20)
+    show = (lambda entry: render.print_json(entry.to_dict())) if json_output else _show_launched
+    if cluster:
+        return show(_launch_on_cluster(cluster, query, model_path, asdict(engine), model_uid, host, port, serving,
+                                       key, dict(replicas=replicas, autoscale=autoscale, cache_dir=cache_dir,
+                                                 revision=revision, offline=offline, force=force), quiet))
+    launcher.check_port_free(host, port)
     choice = launcher.choose_model(query, model_path, memory.workload(context_length, max_pixels), gpu_idx, force,
                                    model_uid, revision, offline, quiet, device)
     config = launcher.server_config(
-        choice, asdict(engine), host, port, context_length=context_length, max_pixels=max_pixels,
-        allow_local_media=allow_local_media, allow_remote_media=allow_remote_media,
-        allow_media_domains=tuple(allow_media_domains or ()), shutdown_grace=shutdown_grace, max_queue=max_queue,
-        max_batch=max_batch, max_body_bytes=max_body_mb * 2**20, foreground=foreground,
-        allowed_origins=origins)
-    show = (lambda entry: render.print_json(entry.to_dict())) if json_output else _show_launched
+        choice, asdict(engine), host, port, **serving, allow_media_domains=tuple(allow_media_domains or ()),
+        shutdown_grace=shutdown_grace, foreground=foreground, allowed_origins=origins)
     if foreground:
         raise typer.Exit(launcher.run_foreground(config, key, on_ready=show))
     show(launcher.start(config, key, quiet))
+
+
+def _launch_on_cluster(address, query, model_path, engine, uid, host, port, serving, key, placement, quiet):
+    """`qvl launch --cluster`: the model as a Ray Serve application (serve/cluster.py)."""
+    from qwenvl_cli.serve import cluster as ray_cluster
+    from qwenvl_cli.serve import launcher
+
+    config, spec = launcher.cluster_config(query, model_path, engine, uid, host, port, **serving)
+    return ray_cluster.launch(ray_cluster.plan(address, config, spec, query, **placement), key, quiet)
 
 
 def _show_launched(entry) -> None:
@@ -118,7 +138,7 @@ def list_models(json_output: JsonOutput = False) -> None:
 
     entries = registry.entries()
     if json_output:
-        render.print_json([e.to_dict() for e in entries])
+        render.print_json([launcher.listing(e) for e in entries])
     elif not entries:
         render.status("no launched model is running; start one with `qvl launch -s 2`")
     else:

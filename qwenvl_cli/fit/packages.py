@@ -35,6 +35,29 @@ def install_command(model_format: str, upgrade: bool = False) -> str:
     return install.quant_install_command(model_format, upgrade)
 
 
+# What --cluster needs (the qvl[ray] extra): Ray itself, Ray Data's pyarrow, Ray Serve's
+# aiohttp; looked up as top-level modules, so nothing is imported.
+RAY_MODULES = ("ray", "pyarrow", "aiohttp")
+
+
+def require_ray() -> None:
+    """Stop with one line naming the install command when Ray (Serve and Data) is missing:
+    the first check of every ``--cluster`` command, before anything is resolved or read."""
+    missing = [name for name in RAY_MODULES if not _installed(name)]
+    if missing:
+        raise MissingDependency(f"--cluster runs on Ray, and {missing[0]} is not installed: "
+                                f'pip install "qvl[ray]"',
+                                "install it on this machine and on every node of the cluster "
+                                "(the same versions of Ray and qvl everywhere; see docs/cluster.md)")
+
+
+def _installed(name: str) -> bool:
+    """A real package, not a namespace package made of a folder that happens to have its name
+    (Ray's own temporary folder /tmp/ray, when qvl runs in /tmp)."""
+    spec = importlib.util.find_spec(name)
+    return spec is not None and spec.origin is not None
+
+
 def is_quantized(model_format: str | None) -> bool:
     return bool(model_format) and model_format.lower() in FORMATS
 

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,37 @@ def choose_model(query: SpecQuery, model_path: str | Path | None, workload: Any,
     aliases = tuple(dict.fromkeys(s.model_id for s in spec.sources))
     gpus = tuple(g.index for g in result.placement.gpus) if result.placement else None
     return ModelChoice(local.path, spec, uid, aliases, spec.model_format, gpus)
+
+
+def check_cluster_flags(cluster: str | None, replicas: int, autoscale: str | None, cache_dir: str | None) -> None:
+    """With --cluster, Ray must be installed (the first check); without it, the cluster flags
+    do not apply."""
+    from qwenvl_cli.errors import UsageError
+    from qwenvl_cli.fit.packages import require_ray
+
+    if cluster:
+        require_ray()
+    elif replicas != 1 or autoscale or cache_dir:
+        raise UsageError("--replicas, --autoscale and --cache-dir are for a Ray cluster",
+                         "add --cluster HOST:PORT (see docs/cluster.md), or drop them")
+
+
+def cluster_config(query: SpecQuery, model_path: str | None, engine: dict[str, Any], uid: str | None,
+                   host: str, port: int | None, **server_options: Any) -> tuple[ServerConfig, Any]:
+    """`launch --cluster`: the ServerConfig and the spec, resolved here without a fit check or a
+    download (each replica checks its node's GPUs and downloads there: serve/cluster.py).
+    ``model_path`` stays "" unless --model-path names a folder every node has."""
+    from qwenvl_cli.fit.preflight import check_spec
+
+    result = check_spec(query, device=engine.get("device", "auto"), model_path=model_path, force=True,
+                        need_backend=False, quiet=True)
+    spec = result.spec if result is not None else None
+    folder = Path(model_path).expanduser().resolve() if model_path else Path(".")
+    uid = _free_uid(uid or (spec.uid if spec is not None else folder_uid(folder)))
+    aliases = tuple(dict.fromkeys(s.model_id for s in spec.sources)) if spec is not None else (folder.name,)
+    fmt = spec.model_format if spec is not None else model_format_of(folder)
+    config = server_config(ModelChoice(folder, spec, uid, aliases, fmt), engine, host, port or 8000, **server_options)
+    return replace(config, model_path=str(folder) if model_path else "", log_file=None), spec
 
 
 def _free_uid(uid: str) -> str:
@@ -314,6 +345,10 @@ def _stop_process(pid: int, group: bool, timeout: float, start: str | None = Non
 
 def terminate(entry: registry.Entry, timeout: float = 10.0) -> str:
     """Stop a launched model: SIGTERM, then SIGKILL after ``timeout`` s. 'stopped' or 'killed'."""
+    if entry.cluster is not None:
+        from qwenvl_cli.serve import cluster
+
+        return cluster.terminate(entry)
     if entry.pid == os.getpid():
         raise ServerError("refusing to terminate this very process", "run terminate from another shell")
     # A background server leads its own session: signal the group so that nothing it
@@ -377,10 +412,31 @@ def summary(entry: registry.Entry) -> list[tuple[str, str]]:
             ("stop", f"qvl terminate {entry.uid}")]
 
 
+def listing(entry: registry.Entry) -> dict[str, Any]:
+    """`qvl list --json`'s record: the registry entry, plus the replicas' health for a
+    deployment on a Ray cluster (asked of the cluster; ``unreachable`` when it cannot be)."""
+    data = entry.to_dict()
+    if entry.cluster is not None:
+        from qwenvl_cli.serve import cluster
+
+        try:
+            data["health"] = cluster.health(entry)
+        except QvlError as exc:
+            data["health"] = {"status": "UNREACHABLE", "error": exc.message, "replicas": []}
+    return data
+
+
 def rows(entries: list[registry.Entry]) -> list[list[str]]:
     """`qvl list` table rows."""
     from qwenvl_cli.hub.progress import human_seconds
 
-    return [[e.uid, e.spec_label(), e.endpoint, str(e.pid), human_seconds(e.uptime), e.state,
-             "-" if e.gpu_memory_bytes is None else f"{e.gpu_memory_bytes / 2**30:.1f} GiB"]
-            for e in entries]
+    out = []
+    for e in entries:
+        state, pid = e.state, str(e.pid)
+        if e.cluster is not None:
+            health = listing(e)["health"]
+            alive = sum(1 for r in health["replicas"] if r["state"] == "ALIVE")
+            state, pid = f"{health['status'].lower()}, {alive} replica(s) alive", f"ray {e.cluster}"
+        out.append([e.uid, e.spec_label(), e.endpoint, pid, human_seconds(e.uptime), state,
+                    "-" if e.gpu_memory_bytes is None else f"{e.gpu_memory_bytes / 2**30:.1f} GiB"])
+    return out

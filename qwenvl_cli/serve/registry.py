@@ -43,13 +43,15 @@ class Entry:
     gpu_memory_bytes: int | None = None  # allocated by the model after loading, when on GPUs
     device: str | None = None
     foreground: bool = False
+    cluster: str | None = None  # a Ray Serve application on this cluster address (serve/cluster.py)
+    route: str = ""  # the application's route prefix there, e.g. "/my-model"
 
     @property
     def endpoint(self) -> str:
         """The OpenAI base URL, e.g. ``http://127.0.0.1:8000/v1`` (loopback for a wildcard bind)."""
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}/v1"
+        return f"http://{host}:{self.port}{self.route}/v1"
 
     @property
     def uptime(self) -> float:
@@ -106,7 +108,9 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
 
 
 def alive(entry: Entry) -> bool:
-    return pid_alive(entry.pid, entry.pid_start)
+    """A cluster deployment lives on the cluster, not in a local process: it stays listed
+    until `qvl terminate` removes it (`qvl list` asks the cluster for its health)."""
+    return entry.cluster is not None or pid_alive(entry.pid, entry.pid_start)
 
 
 # --- files ------------------------------------------------------------------------------

@@ -86,6 +86,34 @@ class ServerState:
             threading.Thread(target=self.scheduler.close, kwargs={"grace": self.config.shutdown_grace},
                              daemon=True).start()
 
+    def prepare(self, chat: api.ChatRequest) -> tuple[list[dict[str, Any]], Any]:
+        """Check and decode the media with the server's policy, then tokenize and check the
+        token budget (a worker thread). A cluster's ingress (serve/cluster.py) leaves this to
+        the engine replica.
+
+        Fetching remote media holds a fetch slot, not a preparation slot, so requests that need
+        no fetch (text, inline data) pass the ones waiting on a slow server."""
+        import contextlib
+
+        from qwenvl_cli.serve.media import RequestMedia, needs_fetch, policy_for
+
+        policy = policy_for(self.config)
+        self.engine.validate(chat.params)  # logit_bias ids, response_format's schema (compiled once)
+        if chat.prompt is not None:  # /v1/completions
+            from qwenvl_cli.engine.prompts import prepare_text
+
+            with self.prepare_slots:
+                messages, prepared = [], prepare_text(self.engine, chat.prompt)
+        else:
+            fetching = self.fetch_slots if needs_fetch(chat.messages) else contextlib.nullcontext()
+            with RequestMedia(policy) as media:
+                with fetching:
+                    messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
+                with self.prepare_slots, media.scrubbed():
+                    prepared = self.engine.prepare(messages, policy)
+        api.check_budget(chat.params, prepared.prompt_tokens, self.engine.context_length)
+        return messages, prepared
+
     def check_key(self, headers: Any) -> None:
         if not self.api_key:
             return
@@ -115,30 +143,6 @@ async def _read_body(request: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _prepare(state: ServerState, chat: api.ChatRequest) -> tuple[list[dict[str, Any]], Any]:
-    """Check and decode the media with the server's policy, then tokenize (a worker thread).
-
-    Fetching remote media holds a fetch slot, not a preparation slot, so requests that need
-    no fetch (text, inline data) pass the ones waiting on a slow server."""
-    import contextlib
-
-    from qwenvl_cli.serve.media import RequestMedia, needs_fetch, policy_for
-
-    policy = policy_for(state.config)
-    state.engine.validate(chat.params)  # logit_bias ids, response_format's schema (compiled once)
-    if chat.prompt is not None:  # /v1/completions
-        from qwenvl_cli.engine.prompts import prepare_text
-
-        with state.prepare_slots:
-            return [], prepare_text(state.engine, chat.prompt)
-    fetching = state.fetch_slots if needs_fetch(chat.messages) else contextlib.nullcontext()
-    with RequestMedia(policy) as media:
-        with fetching:
-            messages = media.resolve(chat.messages)  # checked sources; the policy again in depth
-        with state.prepare_slots, media.scrubbed():
-            return messages, state.engine.prepare(messages, policy)
-
-
 async def answer(state: ServerState, request: Any, parse: Callable[[Any, ServerConfig], api.ChatRequest],
                  shape: Callable[[str, api.ChatRequest], Any]) -> Any:
     """One generation request: parse, prepare, queue, answer whole or streamed in ``shape``
@@ -153,8 +157,7 @@ async def answer(state: ServerState, request: Any, parse: Callable[[Any, ServerC
     chat = parse(api.decode_json(raw), state.config)
     admission = scheduler.admit()
     try:
-        messages, prepared = await run_in_threadpool(_prepare, state, chat)
-        api.check_budget(chat.params, prepared.prompt_tokens, state.engine.context_length)
+        messages, prepared = await run_in_threadpool(state.prepare, chat)
         ticket = Ticket(asyncio.get_running_loop(), admission, scheduler)
         job = QueuedRequest(messages, chat.params, prepared, ticket.emit)
         scheduler.submit(job)
@@ -336,25 +339,32 @@ def bind(host: str, port: int) -> socket.socket:
 def _gpu_memory(engine: Any) -> int | None:
     return engine.gpu_memory_allocated()
 
+def open_engine(config: ServerConfig, announce: Announce) -> Any:
+    """Load the engine a ServerConfig names, warmed up and ready for concurrent requests
+    (this server's process, or a replica on a Ray cluster: serve/cluster.py)."""
+    from qwenvl_cli.engine.choose import engine_class
+    from qwenvl_cli.engine.options import EngineOptions
+
+    announce({"event": "status", "message": f"loading the model from {config.model_path}"})
+    options = dict(config.engine)
+    options["gpu_idx"] = tuple(options["gpu_idx"]) if options.get("gpu_idx") else None
+    warmup = options.pop("warmup", False)
+    engine_options = EngineOptions(**options)
+    engine = engine_class(engine_options).load(config.model_path, engine_options, config.context_length)
+    if warmup and engine.decoder.config.step in ("compile", "cuda-graph"):
+        announce({"event": "status", "message": f"preparing the decode step ({engine.decoder.config.describe()}; "
+                  "once, before serving)"})
+        engine.warmup()
+    # One tokenization now sets the fast tokenizer's padding state, so that requests
+    # prepared concurrently never mutate it (the Rust tokenizer's "Already borrowed").
+    engine.prepare([{"role": "user", "content": [{"type": "text", "text": "hello"}]}])
+    return engine
+
+
 def _load(state: ServerState, server: Any, entry: registry.Entry, announce: Announce) -> None:
     config = state.config
     try:
-        from qwenvl_cli.engine.choose import engine_class
-        from qwenvl_cli.engine.options import EngineOptions
-
-        announce({"event": "status", "message": f"loading the model from {config.model_path}"})
-        options = dict(config.engine)
-        options["gpu_idx"] = tuple(options["gpu_idx"]) if options.get("gpu_idx") else None
-        warmup = options.pop("warmup", False)
-        engine_options = EngineOptions(**options)
-        engine = engine_class(engine_options).load(config.model_path, engine_options, config.context_length)
-        if warmup and engine.decoder.config.step in ("compile", "cuda-graph"):
-            announce({"event": "status", "message": f"preparing the decode step ({engine.decoder.config.describe()}; "
-                      "once, before serving)"})
-            engine.warmup()
-        # One tokenization now sets the fast tokenizer's padding state, so that requests
-        # prepared concurrently never mutate it (the Rust tokenizer's "Already borrowed").
-        engine.prepare([{"role": "user", "content": [{"type": "text", "text": "hello"}]}])
+        engine = open_engine(config, announce)
         state.ready(engine)
         registry.update(entry, state=registry.RUNNING, gpu_memory_bytes=_gpu_memory(engine),
                         device=engine.plan.describe())
