@@ -249,7 +249,7 @@ def respond_for(target: Target) -> Remote:
 
 
 def open_backend(target: Target, quiet: bool = False) -> Any:
-    """A chat Backend (see backends.py) that talks to ``target``; asks for the model name now, so
+    """A chat Backend (see backend.local) that talks to ``target``; asks for the model name now, so
     an unreachable server or a wrong key fails before the first question."""
     from qwenvl_cli import render
     from qwenvl_cli.backend.local import Backend

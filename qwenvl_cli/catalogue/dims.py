@@ -122,7 +122,7 @@ def from_config(config: dict) -> ModelDims | None:
         return None
 
 
-# --- validation (called by specs.py, which supplies the error constructor) --------------
+# --- validation (called by catalogue.parse, which supplies the error constructor) -----
 
 Fail = Callable[[str, str], Exception]
 _VISION_KEYS = [f.name for f in fields(VisionDims)]
