@@ -158,6 +158,15 @@ def _closest_hint(path: Path) -> str:
 # --- images -------------------------------------------------------------------------------
 
 
+def _reference_text(ref: Any, what: str, hint: str) -> str:
+    """A path-like or string reference as stripped text; MediaError for anything else."""
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+    if not isinstance(ref, str) or not ref.strip():
+        raise MediaError(f"not {what}: {_short(repr(ref))}", hint)
+    return ref.strip()
+
+
 def resolve_image(ref: Any, policy: MediaPolicy = PERMISSIVE) -> ImageSource:
     """Check an image reference and return an :class:`ImageSource` (MediaError when bad)."""
     if isinstance(ref, ImageSource):
@@ -168,12 +177,8 @@ def resolve_image(ref: Any, policy: MediaPolicy = PERMISSIVE) -> ImageSource:
         return ImageSource("<PIL image>", "pil", width, height, getattr(ref, "format", None), image=ref)
     if isinstance(ref, dict) and "url" in ref:  # OpenAI's {"url": ...}
         ref = ref["url"]
-    if isinstance(ref, os.PathLike):
-        ref = os.fspath(ref)
-    if not isinstance(ref, str) or not ref.strip():
-        raise MediaError(f"not an image reference: {_short(repr(ref))}",
-                         "give a path, a file:// or http(s):// URL, or a data:image/...;base64 URI")
-    ref = ref.strip()
+    ref = _reference_text(ref, "an image reference",
+                          "give a path, a file:// or http(s):// URL, or a data:image/...;base64 URI")
     scheme = _scheme(ref)
     if scheme in ("http", "https"):
         data = fetch_url(ref, policy)
@@ -322,12 +327,8 @@ def resolve_video(ref: Any, policy: MediaPolicy = PERMISSIVE) -> VideoSource:
         return ref
     if isinstance(ref, (list, tuple)):
         return _frame_list([resolve_image(item, policy) for item in ref], f"{len(ref)} frames")
-    if isinstance(ref, os.PathLike):
-        ref = os.fspath(ref)
-    if not isinstance(ref, str) or not ref.strip():
-        raise MediaError(f"not a video reference: {_short(repr(ref))}",
-                         "give a video file, a directory of frame images or a list of frames")
-    ref = ref.strip()
+    ref = _reference_text(ref, "a video reference",
+                          "give a video file, a directory of frame images or a list of frames")
     scheme = _scheme(ref)
     if scheme == "file":
         path = _file_url_path(ref)
