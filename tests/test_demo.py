@@ -31,6 +31,9 @@ def test_demo_script_outside_the_venv_says_what_to_do(tmp_path):
     bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')  # -S: no site-packages
     bare.chmod(0o755)
     env = qvl_env({"PYTHON": str(bare), "TMPDIR": str(tmp_path)})
+    # qvl_env's PYTHONPATH names where qwenvl_cli was imported from: site-packages itself when
+    # qvl is installed (as in CI), which would hand the bare interpreter every dependency.
+    env.pop("PYTHONPATH", None)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr

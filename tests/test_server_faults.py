@@ -170,12 +170,18 @@ class _Trickle(threading.Thread):
 def test_requests_without_a_fetch_pass_the_ones_waiting_on_a_slow_server():
     from qwenvl_cli.serve import server
 
+    from types import SimpleNamespace
+
+    prepared = SimpleNamespace(prompt_tokens=1)
+
     class Tokenizer:
+        context_length = 32768
+
         def validate(self, params):
             pass
 
         def prepare(self, messages, policy=None):
-            return "prepared"
+            return prepared
 
     slow = _Trickle()
     slow.start()
@@ -189,7 +195,7 @@ def test_requests_without_a_fetch_pass_the_ones_waiting_on_a_slow_server():
 
     def fetch():
         try:
-            server._prepare(state, fetching)
+            state.prepare(fetching)
         except Exception as exc:  # noqa: BLE001 - the time-out is expected
             errors.append(exc)
     threads = [threading.Thread(target=fetch, daemon=True) for _ in range(server.FETCH_SLOTS + 2)]
@@ -198,7 +204,7 @@ def test_requests_without_a_fetch_pass_the_ones_waiting_on_a_slow_server():
     time.sleep(0.3)
     text = api.parse_chat({"messages": [{"role": "user", "content": "hi"}]}, config)
     started = time.monotonic()
-    assert server._prepare(state, text)[1] == "prepared"
+    assert state.prepare(text)[1] is prepared
     assert time.monotonic() - started < 0.5
     for thread in threads:
         thread.join(10)
