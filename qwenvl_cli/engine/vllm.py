@@ -32,7 +32,7 @@ from typing import Any
 from qwenvl_cli.engine.engine import Job, Prepared
 from qwenvl_cli.engine.options import EngineOptions
 from qwenvl_cli.engine.vllm_check import check_format, require_vllm, runs_on_cpu
-from qwenvl_cli.errors import EngineError, MediaError, PromptTooLong, QvlError, translate
+from qwenvl_cli.errors import EngineError, MediaError, PromptTooLong, QvlError, UsageError, translate
 from qwenvl_cli.generation import DEFAULT_MAX_TOKENS, Chunk, GenerationParams, TokenStream
 
 CPU_KV_CACHE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE unless set: vLLM otherwise takes most of the RAM
@@ -160,9 +160,11 @@ class VllmEngine:
         text_ids = len(self.processor.tokenizer(text)["input_ids"])
         prompt_tokens = text_ids + sum(info.tokens - 1 for info in visual.infos)  # a pad each, expanded
         if prompt_tokens >= self.context_length:
-            raise PromptTooLong(
+            err = PromptTooLong(
                 f"the prompt is {prompt_tokens} tokens long; the model's context length is {self.context_length}",
                 "shorten the conversation (/clear), or lower --max-pixels / --fps / --max-frames")
+            err.prompt_tokens, err.context_length = prompt_tokens, self.context_length  # for the server's 400
+            raise err
         return Prepared(inputs, prompt_tokens, list(visual.infos), time.perf_counter() - start)
 
     # --- generation -----------------------------------------------------------------------
@@ -289,11 +291,30 @@ class VllmEngine:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def sampling_note(self, params: GenerationParams) -> str | None:
+    def validate(self, params: GenerationParams) -> None:
+        """Refuse what this engine does not carry through yet (the transformers engine does):
+        a 400 naming the field in the server, never a silently different answer."""
+        unsupported = [name for name, given in (
+            ("response_format", params.grammar is not None), ("logprobs", params.logprobs),
+            ("n", params.n != 1), ("logit_bias", bool(params.logit_bias)), ("min_p", params.min_p is not None),
+            ("presence_penalty", params.presence_penalty is not None),
+            ("frequency_penalty", params.frequency_penalty is not None)) if given]
+        if unsupported:
+            err = UsageError(f"{unsupported[0]} is not supported with --model-engine vllm yet",
+                             "drop it, or launch the model with the transformers engine (the default)")
+            err.param = unsupported[0]
+            raise err
+
+    def sampling_note(self, params: GenerationParams, repl: bool = False) -> str | None:
+        """As the transformers engine's: ``repl`` words it for the interactive chat (/set)."""
         if not params.temperature:
             return None
         top_k = params.top_k if params.top_k is not None else (self.generation.get("top_k") or 0)
         top_p = params.top_p if params.top_p is not None else (self.generation.get("top_p") or 1.0)
+        if (top_k == 1 or top_p < 0.01) and repl:
+            return (f"temperature {params.temperature} has little effect while top_k is {top_k} and top_p {top_p} "
+                    "(the checkpoint's generation_config), so /retry gives the same answer: "
+                    "/set top_k 0 and /set top_p 0.9 for varied answers")
         if top_k == 1 or top_p < 0.01:
             return (f"--temperature {params.temperature} has little effect while top_k is {top_k} and top_p "
                     f"{top_p} (the checkpoint's generation_config); add --top-k 0 --top-p 0.9 for varied answers")
