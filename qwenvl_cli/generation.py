@@ -80,6 +80,26 @@ class GenerationParams:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def sampling_note(params: GenerationParams, default_top_k: int | None, default_top_p: float | None,
+                  repl: bool = False) -> str | None:
+    """A warning when --temperature cannot change anything: Qwen2-VL's generation_config
+    keeps top_k 1 and top_p 0.001 (near greedy) unless --top-k / --top-p override them.
+    The defaults are the checkpoint's; ``repl`` words it for the interactive chat (/set),
+    where /retry would repeat the answer. Both engines call this."""
+    if not params.temperature:
+        return None
+    top_k = params.top_k if params.top_k is not None else (default_top_k or 0)
+    top_p = params.top_p if params.top_p is not None else (default_top_p or 1.0)
+    if not (top_k == 1 or top_p < 0.01):
+        return None
+    if repl:
+        return (f"temperature {params.temperature} has little effect while top_k is {top_k} and top_p {top_p} "
+                "(the checkpoint's generation_config), so /retry gives the same answer: "
+                "/set top_k 0 and /set top_p 0.9 for varied answers")
+    return (f"--temperature {params.temperature} has little effect while top_k is {top_k} and top_p "
+            f"{top_p} (the checkpoint's generation_config); add --top-k 0 --top-p 0.9 for varied answers")
+
+
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int

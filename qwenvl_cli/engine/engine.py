@@ -23,7 +23,7 @@ from qwenvl_cli.engine.options import EngineOptions
 from qwenvl_cli.engine.streaming import END, QueueStreamer, cancel_criteria
 from qwenvl_cli.errors import EngineError, OutOfMemory, PromptTooLarge, PromptTooLong, QvlError, translate
 from qwenvl_cli.fit import packages
-from qwenvl_cli.generation import DEFAULT_MAX_TOKENS, Chunk, GenerationParams, TokenStream
+from qwenvl_cli.generation import DEFAULT_MAX_TOKENS, Chunk, GenerationParams, TokenStream, sampling_note
 
 
 @dataclass
@@ -363,22 +363,9 @@ class Engine:
                            "lower --max-pixels / --max-tokens, use a quantized spec (-f awq), or more GPUs")
 
     def sampling_note(self, params: GenerationParams, repl: bool = False) -> str | None:
-        """A warning when --temperature cannot change anything: Qwen2-VL's generation_config
-        keeps top_k 1 and top_p 0.001 (near greedy) unless --top-k / --top-p override them.
-        ``repl``: worded for the interactive chat (/set), where /retry would repeat the answer."""
-        if not params.temperature:
-            return None
+        """generation.sampling_note with this checkpoint's generation_config."""
         gen = self.model.generation_config
-        top_k = params.top_k if params.top_k is not None else (gen.top_k or 0)
-        top_p = params.top_p if params.top_p is not None else (gen.top_p or 1.0)
-        if (top_k == 1 or top_p < 0.01) and repl:
-            return (f"temperature {params.temperature} has little effect while top_k is {top_k} and top_p {top_p} "
-                    "(the checkpoint's generation_config), so /retry gives the same answer: "
-                    "/set top_k 0 and /set top_p 0.9 for varied answers")
-        if top_k == 1 or top_p < 0.01:
-            return (f"--temperature {params.temperature} has little effect while top_k is {top_k} and top_p "
-                    f"{top_p} (the checkpoint's generation_config); add --top-k 0 --top-p 0.9 for varied answers")
-        return None
+        return sampling_note(params, gen.top_k, gen.top_p, repl)
 
     def _preprocess_kwargs(self, images: Any, videos: Any) -> dict[str, Any]:
         """Normalise and patch the pixels on the GPU (the processor's torchvision backend)."""

@@ -33,7 +33,7 @@ from qwenvl_cli.engine.engine import Job, Prepared
 from qwenvl_cli.engine.options import EngineOptions
 from qwenvl_cli.engine.vllm_check import check_format, require_vllm, runs_on_cpu
 from qwenvl_cli.errors import EngineError, MediaError, PromptTooLong, QvlError, UsageError, translate
-from qwenvl_cli.generation import DEFAULT_MAX_TOKENS, Chunk, GenerationParams, TokenStream
+from qwenvl_cli.generation import DEFAULT_MAX_TOKENS, Chunk, GenerationParams, TokenStream, sampling_note
 
 CPU_KV_CACHE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE unless set: vLLM otherwise takes most of the RAM
 MAX_IMAGES = 8  # limit_mm_per_prompt: vLLM sizes its encoder budget for this many per request
@@ -306,19 +306,8 @@ class VllmEngine:
             raise err
 
     def sampling_note(self, params: GenerationParams, repl: bool = False) -> str | None:
-        """As the transformers engine's: ``repl`` words it for the interactive chat (/set)."""
-        if not params.temperature:
-            return None
-        top_k = params.top_k if params.top_k is not None else (self.generation.get("top_k") or 0)
-        top_p = params.top_p if params.top_p is not None else (self.generation.get("top_p") or 1.0)
-        if (top_k == 1 or top_p < 0.01) and repl:
-            return (f"temperature {params.temperature} has little effect while top_k is {top_k} and top_p {top_p} "
-                    "(the checkpoint's generation_config), so /retry gives the same answer: "
-                    "/set top_k 0 and /set top_p 0.9 for varied answers")
-        if top_k == 1 or top_p < 0.01:
-            return (f"--temperature {params.temperature} has little effect while top_k is {top_k} and top_p "
-                    f"{top_p} (the checkpoint's generation_config); add --top-k 0 --top-p 0.9 for varied answers")
-        return None
+        """generation.sampling_note with this checkpoint's generation_config."""
+        return sampling_note(params, self.generation.get("top_k"), self.generation.get("top_p"), repl)
 
     # --- what callers read ------------------------------------------------------------------
 
